@@ -1,0 +1,232 @@
+"""
+The PB login root: challenge/response, and sessions that end exactly once.
+
+This replaces PB's C{_PortalRoot}.  PB loses the logout of a client that drops
+while its login is pending, logs a traceback for every failed login, and keeps
+one disconnect closure per login for the life of the connection.  Here every
+session the registry admits is closed exactly once, whichever way it ends:
+logout (the client drops its reference), disconnect, or a drop before, during
+or after the checker and realm run.  This is the only module that touches
+PB's login internals.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from hashlib import md5
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernameHashedPassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.spread import pb
+from zope.interface import implementer
+
+from pbrealms.errors import BadCredentials, LoginFailed, LoginRefused, dispatch
+from pbrealms.sessions import Session, SessionRegistry
+
+_log = Logger()
+
+
+class _ConnectionGone(Exception):
+    """
+    The client disconnected before its login completed.
+    """
+
+
+def describePeer(address: object) -> str:
+    """
+    A client address as a person reads it: C{host:port}, C{[v6]:port}, C{unix}.
+    """
+    if isinstance(address, IPv4Address):
+        return f"{address.host}:{address.port}"
+    if isinstance(address, IPv6Address):
+        return f"[{address.host}]:{address.port}"
+    if isinstance(address, UNIXAddress):
+        name = address.name
+        return "unix:" + (name.decode() if isinstance(name, bytes) else str(name or "-"))
+    return str(address)
+
+
+def _printable(name: object) -> str:
+    """
+    A user name sent by a client, made safe for one log line.
+    """
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return repr(name[:64]) if isinstance(name, str) else f"<{type(name).__name__}>"
+
+
+class _RemoteObject(pb.Referenceable):
+    """
+    A referenceable that answers bad calls with a typed error, not a traceback.
+    """
+
+    def remoteMessageReceived(self, broker, message, args, kw):
+        return dispatch(broker, self, "remote_", message, args, kw, self.perspective)
+
+
+@implementer(pb.IPBRoot)
+class LoginRoot:
+    """
+    The root object of a PB server: logs users in through C{checker} into
+    sessions of C{registry} with avatars from C{realm}.
+
+    Give it to L{pb.PBServerFactory} in place of a portal.  A client logs in
+    with L{pb.PBClientFactory.login}, as it would to a portal.
+    """
+
+    def __init__(
+        self, checker: ICredentialsChecker, realm: IRealm, registry: SessionRegistry
+    ) -> None:
+        self.checker = checker
+        self.realm = realm
+        self.registry = registry
+
+    def rootObject(self, broker: pb.Broker) -> pb.Referenceable:
+        return _LoginGate(self, broker)
+
+
+class _LoginGate(_RemoteObject):
+    """
+    The object a client gets as its root: it hands out challenges.
+    """
+
+    def __init__(self, root: LoginRoot, broker: pb.Broker) -> None:
+        self.root = root
+        self.broker = broker
+
+    def remote_login(self, username: bytes) -> tuple[bytes, _Challenger]:
+        if isinstance(username, str):
+            username = username.encode("utf-8")
+        if not isinstance(username, bytes):
+            raise BadCredentials()
+        challenge = secrets.token_hex(16).encode("ascii")
+        return challenge, _Challenger(self, username, challenge)
+
+
+@implementer(IUsernameHashedPassword)
+class _Challenger(_RemoteObject):
+    """
+    One login attempt: the user name and challenge, checked when the client
+    responds.  It is the credentials the checker sees.
+    """
+
+    def __init__(self, gate: _LoginGate, username: bytes, challenge: bytes) -> None:
+        self.gate = gate
+        self.username = username
+        self.challenge = challenge
+        self.response = b""
+
+    def checkPassword(self, password: bytes) -> bool:
+        expected = md5(md5(password).digest() + self.challenge).digest()
+        return hmac.compare_digest(expected, self.response)
+
+    def remote_respond(self, response: bytes, mind: object) -> defer.Deferred:
+        if not isinstance(response, bytes):
+            raise BadCredentials()
+        self.response = response
+        # Anything but a reference to a client object is no mind at all.
+        if not isinstance(mind, pb.RemoteReference):
+            mind = None
+        return _Login(self.gate.root, self.gate.broker, self.username).run(self, mind)
+
+
+class _Login:
+    """
+    The steps of one login after the client responded.
+    """
+
+    def __init__(self, root: LoginRoot, broker: pb.Broker, username: bytes) -> None:
+        self.root = root
+        self.broker = broker
+        self.username = username
+        self.peer = describePeer(broker.transport.getPeer())
+
+    def run(self, credentials: _Challenger, mind: object) -> defer.Deferred:
+        d = defer.maybeDeferred(self.root.checker.requestAvatarId, credentials)
+        d.addCallback(self._open, mind)
+        d.addErrback(self._refused)
+        return d
+
+    def _open(self, avatarId: bytes | str, mind: object) -> defer.Deferred:
+        if self.broker.disconnected:
+            raise _ConnectionGone()
+        user = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
+        session = self.root.registry.open(user, self.peer, mind)
+        d = defer.maybeDeferred(self.root.realm.requestAvatar, user, mind, pb.IPerspective)
+        d.addCallbacks(
+            self._attach, self._realmFailed, callbackArgs=(session,), errbackArgs=(session,)
+        )
+        return d
+
+    def _realmFailed(self, reason: Failure, session: Session) -> Failure:
+        session.close("was refused by the realm")
+        return reason
+
+    def _attach(self, result: tuple, session: Session) -> pb.Referenceable:
+        _, avatar, logout = result
+        session.onClose(logout)
+        broker = self.broker
+        if broker.disconnected:
+            session.close("disconnected during login")
+            raise _ConnectionGone()
+        # A fresh referenceable per login, so that each login has its own
+        # entry in the broker's cleanup table even when the avatar is shared.
+        reference = pb.AsReferenceable(avatar, "perspective")
+        puid = reference.processUniqueID()
+
+        def loggedOut() -> None:
+            session.close("logged out")
+
+        def disconnected() -> None:
+            session.close("disconnected")
+
+        def forget() -> None:
+            broker._localCleanup.pop(puid, None)
+            if broker.disconnects is not None:
+                broker.dontNotifyOnDisconnect(disconnected)
+
+        broker._localCleanup[puid] = loggedOut
+        broker.notifyOnDisconnect(disconnected)
+        session.onClose(forget)
+        self.root.registry.activate(session)
+        return reference
+
+    def _refused(self, reason: Failure) -> Failure | None:
+        user = _printable(self.username)
+        if reason.check(_ConnectionGone):
+            _log.info(
+                "login of {user} from {peer} abandoned: the client disconnected",
+                user=user,
+                peer=self.peer,
+            )
+            return None
+        if self.broker.disconnected:
+            # Nobody to tell; the reason is all that is left to say.
+            _log.info(
+                "login of {user} from {peer} abandoned: {error}",
+                user=user,
+                peer=self.peer,
+                error=reason.getErrorMessage(),
+            )
+            return None
+        if reason.check(LoginRefused, UnauthorizedLogin):
+            if not reason.check(LoginRefused):
+                reason = Failure(BadCredentials())
+            _log.info(
+                "login refused for {user} from {peer}: {error}",
+                user=user,
+                peer=self.peer,
+                error=reason.getErrorMessage(),
+            )
+            return reason
+        if reason.check(pb.Error):
+            return reason
+        _log.failure("login of {user} from {peer} failed", reason, user=user, peer=self.peer)
+        return Failure(LoginFailed())

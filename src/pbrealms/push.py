@@ -1,0 +1,123 @@
+"""
+Pushes to clients: calls on a login's mind that never raise, and the clock's
+periodic push.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.spread import pb
+
+from pbrealms.errors import InvalidPeriod
+
+#: The shortest and longest push periods, in seconds.
+MIN_PERIOD = 0.05
+MAX_PERIOD = 86400.0
+
+_log = Logger()
+
+
+def validatePeriod(value: object) -> float:
+    """
+    Check a push period.
+
+    @return: C{value} as a float.
+    @raise InvalidPeriod: unless C{value} is a real number (not a bool) from
+        L{MIN_PERIOD} to L{MAX_PERIOD} seconds.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidPeriod(f"period must be a number of seconds, not {type(value).__name__}")
+    period = float(value)
+    if not math.isfinite(period) or not MIN_PERIOD <= period <= MAX_PERIOD:
+        raise InvalidPeriod(
+            f"period must be from {MIN_PERIOD:g} to {MAX_PERIOD:g} seconds, not {value!r}"
+        )
+    return period
+
+
+def push(mind: pb.RemoteReference, method: str, *args: object) -> defer.Deferred[bool]:
+    """
+    Call C{method} on a client's mind.
+
+    @return: a L{Deferred} that fires with C{True} once the client answered,
+        C{False} if the client is gone or answered with an error; it never
+        fails, and nothing is raised synchronously.  A client that has gone
+        needs no log line: its session ends through the disconnect.
+    """
+    d = defer.maybeDeferred(mind.callRemote, method, *args)
+    d.addCallbacks(lambda _: True, _pushFailed, errbackArgs=(method,))
+    return d
+
+
+def _pushFailed(reason, method: str) -> bool:
+    if not reason.check(pb.DeadReferenceError, pb.PBConnectionLost):
+        _log.warn(
+            "client answered {method} with an error: {error}",
+            method=method,
+            error=reason.getErrorMessage(),
+        )
+    return False
+
+
+class PeriodicPush:
+    """
+    Call a push function once per period, starting at once.
+
+    A tick that comes while the previous push is still unanswered is skipped,
+    so a client that stops reading never makes the server buffer pushes.
+
+    @ivar period: the current period, in seconds.
+    @ivar skipped: how many ticks were skipped.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, period: float, pushOnce: Callable[[], defer.Deferred]
+    ) -> None:
+        self._clock = clock
+        self.period = period
+        self._pushOnce = pushOnce
+        self._next: IDelayedCall | None = None
+        self._outstanding = False
+        self.skipped = 0
+
+    def start(self) -> None:
+        """
+        Push now (on the next turn of the reactor), then once per period.
+        """
+        self._schedule(0)
+
+    def stop(self) -> None:
+        """
+        Push no more.  Safe to call more than once.
+        """
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+
+    def setPeriod(self, period: float) -> None:
+        """
+        Change the period; the next push comes one new period from now.
+        """
+        self.period = period
+        if self._next is not None:
+            self._next.cancel()
+            self._schedule(period)
+
+    def _schedule(self, delay: float) -> None:
+        self._next = self._clock.callLater(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._schedule(self.period)
+        if self._outstanding:
+            self.skipped += 1
+            return
+        self._outstanding = True
+        self._pushOnce().addBoth(self._answered)
+
+    def _answered(self, _: object) -> None:
+        self._outstanding = False

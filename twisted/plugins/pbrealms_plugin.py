@@ -1,0 +1,5 @@
+from twisted.application.service import ServiceMaker
+
+pbrealms = ServiceMaker(
+    "pbrealms", "pbrealms.tap", "Perspective Broker server with a choice of realms", "pbrealms"
+)
