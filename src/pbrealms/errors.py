@@ -67,6 +67,12 @@ class InvalidPeriod(pb.Error):
     """
 
 
+class UnknownMethod(pb.Error):
+    """
+    There is no remote method of that name.
+    """
+
+
 class BadArguments(pb.Error):
     """
     A remote method was called with arguments it does not take.
@@ -88,13 +94,13 @@ def dispatch(
 
     PB answers an unknown method, arguments that do not fit, or arguments of
     a refused type with an untyped error and a traceback in the server log;
-    this answers with L{pb.NoSuchMethod} or L{BadArguments} and logs nothing.
+    this answers with L{UnknownMethod} or L{BadArguments} and logs nothing.
     """
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
     method = getattr(target, prefix + message, None)
     if method is None:
-        raise pb.NoSuchMethod(f"no such method: {message[:64]!r}")
+        raise UnknownMethod(f"no such method: {message[:64]!r}")
     try:
         args = broker.unserialize(args, perspective)
         kw = broker.unserialize(kw, perspective)
@@ -120,6 +126,7 @@ _WIRE_ERRORS: tuple[type[pb.Error], ...] = (
     LoginRefused,
     LoginFailed,
     InvalidPeriod,
+    UnknownMethod,
     BadArguments,
 )
 

@@ -1,0 +1,204 @@
+"""
+Shared fixtures: the reactor, a log that fails any test that logged an error
+it did not expect, a check that no timer outlives its test, and a harness that
+serves pbrealms on a loopback port and logs clients in over real TCP.
+"""
+
+from __future__ import annotations
+
+import gc
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.spread import pb
+
+from pbrealms.checkers import PasswordFile
+from pbrealms.client import Connection, connect
+from pbrealms.login import LoginRoot
+from pbrealms.realms import REALMS, ClockRealm, Realm
+from pbrealms.sessions import SessionRegistry
+from pbrealms.tap import wireSecurity
+
+USERS = {"alice": "wonderland", "bob": "builder"}
+
+
+@pytest.fixture
+def reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+class CapturedLog(list):
+    """
+    The events logged during a test.  Errors fail the test unless expected.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errorsExpected = False
+
+    def messages(self) -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self]
+
+    def errors(self) -> list[dict]:
+        return [
+            e
+            for e in self
+            if "log_failure" in e
+            or e.get("isError")
+            or e.get("log_level") in (LogLevel.error, LogLevel.critical)
+        ]
+
+
+@pytest.fixture(autouse=True)
+def log():
+    captured = CapturedLog()
+    globalLogPublisher.addObserver(captured.append)
+    yield captured
+    globalLogPublisher.removeObserver(captured.append)
+    if not captured.errorsExpected:
+        from twisted.logger import formatEvent
+
+        errors = [formatEvent(e) for e in captured.errors()]
+        assert not errors, f"errors were logged: {errors}"
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_timers(reactor):
+    yield
+    left = [c for c in reactor.getDelayedCalls() if c.active()]
+    for call in left:
+        call.cancel()
+    assert not left, f"timers left behind: {left}"
+
+
+@pytest.fixture
+def passwd(tmp_path: Path) -> Path:
+    """
+    A password file holding L{USERS}, mode 0600.
+    """
+    path = tmp_path / "users.passwd"
+    path.write_text("".join(f"{u}:{p}\n" for u, p in USERS.items()))
+    path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    return path
+
+
+async def eventually(reactor, condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """
+    Let the reactor run until C{condition()} holds; fail after C{timeout}.
+    """
+    waited = 0.0
+    while not condition():
+        if waited >= timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await task.deferLater(reactor, 0.01, lambda: None)
+        waited += 0.01
+
+
+class RecordingFactory(pb.PBServerFactory):
+    """
+    A PB server factory that remembers its connections, so that a test can
+    close them all and wait until they are closed.
+    """
+
+    def __init__(self, root) -> None:
+        super().__init__(root, unsafeTracebacks=False, security=wireSecurity())
+        self.noisy = False
+        self.brokers: list[pb.Broker] = []
+        self.closed: list[defer.Deferred] = []
+
+    def buildProtocol(self, addr):
+        broker = super().buildProtocol(addr)
+        closed: defer.Deferred = defer.Deferred()
+        broker.notifyOnDisconnect(lambda: closed.callback(None))
+        self.brokers.append(broker)
+        self.closed.append(closed)
+        return broker
+
+
+class Served:
+    """
+    A pbrealms server listening on a loopback port.
+    """
+
+    def __init__(self, harness, root: LoginRoot, factory: RecordingFactory, port) -> None:
+        self.harness = harness
+        self.root = root
+        self.registry: SessionRegistry = root.registry
+        self.realm: Realm = root.realm
+        self.factory = factory
+        self.port = port
+        self.endpoint = f"tcp:127.0.0.1:{port.getHost().port}"
+
+    async def login(
+        self, user: str = "alice", password: str | None = None, mind=None
+    ) -> Connection:
+        conn = await connect(
+            self.harness.reactor, self.endpoint, user, password or USERS[user], mind, 5.0
+        )
+        self.harness.connections.append(conn)
+        return conn
+
+    async def settled(self) -> None:
+        """
+        Wait until every connection the server saw that the client closed
+        has been closed on the server's side too.
+        """
+        await eventually(
+            self.harness.reactor,
+            lambda: all(b.disconnected or not b.transport.connected for b in self.factory.brokers),
+        )
+
+
+class Harness:
+    def __init__(self, reactor, passwd: Path) -> None:
+        self.reactor = reactor
+        self.passwd = passwd
+        self.servers: list[Served] = []
+        self.connections: list[Connection] = []
+
+    def makeRoot(
+        self, realm: str = "cache", maxPerUser: int | None = None, period: float = 1.0
+    ) -> LoginRoot:
+        registry = SessionRegistry(self.reactor, realm=realm, maxPerUser=maxPerUser)
+        if REALMS[realm] is ClockRealm:
+            strategy = ClockRealm(registry, self.reactor, period)
+        else:
+            strategy = REALMS[realm](registry, self.reactor)
+        return LoginRoot(PasswordFile(str(self.passwd)), strategy, registry)
+
+    async def serve(self, realm: str = "cache", root: LoginRoot | None = None, **kw) -> Served:
+        root = root or self.makeRoot(realm, **kw)
+        factory = RecordingFactory(root)
+        port = self.reactor.listenTCP(0, factory, interface="127.0.0.1")
+        served = Served(self, root, factory, port)
+        self.servers.append(served)
+        return served
+
+    async def cleanup(self) -> None:
+        for conn in self.connections:
+            await conn.disconnect()
+        for served in self.servers:
+            for broker in served.factory.brokers:
+                if not broker.disconnected:
+                    broker.transport.abortConnection()
+            await defer.gatherResults(served.factory.closed)
+            await served.port.stopListening()
+        # Let the client sides see their connections close.
+        await task.deferLater(self.reactor, 0, lambda: None)
+        gc.collect()
+
+
+@pytest_twisted.async_yield_fixture()
+async def harness(reactor, passwd):
+    h = Harness(reactor, passwd)
+    yield h
+    await h.cleanup()

@@ -1,0 +1,191 @@
+"""
+The clock realm's pushes, on a task.Clock.
+"""
+
+import math
+
+import pytest
+from twisted.internet import defer, task
+from twisted.spread import pb
+
+from pbrealms.errors import InvalidPeriod, MindRequired
+from pbrealms.push import MAX_PERIOD, MIN_PERIOD, PeriodicPush, push, validatePeriod
+from pbrealms.realms import ClockRealm
+from pbrealms.sessions import SessionRegistry
+
+
+class FakeMind:
+    """
+    A client object that records pushes; each answer waits for the test
+    unless C{answerAtOnce}.
+    """
+
+    def __init__(self, answerAtOnce: bool = True) -> None:
+        self.answerAtOnce = answerAtOnce
+        self.pushes: list[tuple[str, tuple]] = []
+        self.unanswered: list[defer.Deferred] = []
+        self.gone = False
+
+    def callRemote(self, method, *args):
+        if self.gone:
+            raise pb.DeadReferenceError("Calling Stale Broker")
+        self.pushes.append((method, args))
+        if self.answerAtOnce:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self.unanswered.append(d)
+        return d
+
+    def times(self) -> list[float]:
+        return [args[0] for method, args in self.pushes if method == "notifyTime"]
+
+
+@pytest.fixture
+def clock():
+    return task.Clock()
+
+
+def login(clock, mind, period=1.0):
+    registry = SessionRegistry(clock, realm="clock")
+    realm = ClockRealm(registry, clock, period)
+    session = registry.open("alice", "test", mind)
+    _, avatar, logout = realm.requestAvatar("alice", mind, pb.IPerspective)
+    session.onClose(logout)
+    return session, avatar
+
+
+def test_ticks_arrive_right_after_login_and_once_per_period(clock):
+    clock.advance(1000)
+    mind = FakeMind()
+    session, avatar = login(clock, mind, period=2.0)
+    assert mind.times() == []  # not before the login answer has gone out
+    clock.advance(0)
+    assert mind.times() == [1000.0]
+    clock.pump([1.0, 1.0, 1.0, 1.0])
+    assert mind.times() == [1000.0, 1002.0, 1004.0]
+    session.close()
+
+
+def test_setperiod_changes_the_schedule(clock):
+    mind = FakeMind()
+    session, avatar = login(clock, mind, period=1.0)
+    clock.advance(0)
+    clock.advance(0.5)
+    assert avatar.perspective_setperiod(3) == 3.0
+    clock.advance(2.9)
+    assert len(mind.times()) == 1
+    clock.advance(0.1)
+    assert mind.times() == [0.0, 3.5]
+    clock.advance(3.0)
+    assert mind.times() == [0.0, 3.5, 6.5]
+    assert avatar.perspective_status()["period"] == 3.0
+    session.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "1",
+        b"1",
+        None,
+        True,
+        False,
+        [1.0],
+        math.nan,
+        math.inf,
+        -math.inf,
+        -1,
+        0,
+        0.0,
+        MIN_PERIOD / 2,
+        MAX_PERIOD * 2,
+    ],
+)
+def test_invalid_periods_are_refused_and_change_nothing(clock, bad):
+    mind = FakeMind()
+    session, avatar = login(clock, mind, period=1.0)
+    clock.advance(0)
+    with pytest.raises(InvalidPeriod) as refused:
+        avatar.perspective_setperiod(bad)
+    assert isinstance(refused.value, pb.Error)
+    assert avatar.clock.period == 1.0
+    clock.advance(1.0)
+    assert mind.times() == [0.0, 1.0]
+    session.close()
+
+
+def test_period_bounds_are_accepted():
+    assert validatePeriod(MIN_PERIOD) == MIN_PERIOD
+    assert validatePeriod(MAX_PERIOD) == MAX_PERIOD
+    assert validatePeriod(1) == 1.0
+    assert MIN_PERIOD <= 0.05 and 3600 <= MAX_PERIOD <= 86400
+
+
+def test_no_push_after_the_session_ends(clock):
+    mind = FakeMind()
+    session, avatar = login(clock, mind)
+    clock.advance(0)
+    session.close()
+    clock.advance(10)
+    assert mind.times() == [0.0]
+    assert clock.getDelayedCalls() == []
+
+
+def test_no_push_when_the_session_ends_before_the_first(clock):
+    mind = FakeMind()
+    session, avatar = login(clock, mind)
+    session.close()
+    clock.advance(10)
+    assert mind.times() == []
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_slow_client_gets_no_second_push_until_it_answers(clock):
+    mind = FakeMind(answerAtOnce=False)
+    session, avatar = login(clock, mind)
+    clock.advance(0)
+    clock.pump([1.0] * 5)
+    assert len(mind.pushes) == 1  # the rest were skipped, not queued
+    assert avatar.clock.skipped == 5
+    mind.unanswered.pop().callback(None)
+    clock.advance(1.0)
+    assert len(mind.pushes) == 2
+    session.close()
+
+
+def test_a_vanished_client_raises_nothing_and_logs_nothing(clock, log):
+    mind = FakeMind()
+    session, avatar = login(clock, mind)
+    clock.advance(0)
+    mind.gone = True
+    clock.pump([1.0] * 3)
+    assert len(mind.times()) == 1
+    session.close()
+    assert not log.errors()
+
+
+def test_push_never_fails():
+    results = []
+    push(FakeMind(), "notifyTime", 1.0).addCallback(results.append)
+    gone = FakeMind()
+    gone.gone = True
+    push(gone, "notifyTime", 1.0).addCallback(results.append)
+    lost = FakeMind(answerAtOnce=False)
+    push(lost, "notifyTime", 1.0).addCallback(results.append)
+    lost.unanswered[0].errback(pb.PBConnectionLost("gone"))
+    assert results == [True, False, False]
+
+
+def test_a_login_without_mind_is_refused():
+    clock = task.Clock()
+    realm = ClockRealm(SessionRegistry(clock), clock, 1.0)
+    with pytest.raises(MindRequired):
+        realm.requestAvatar("alice", None, pb.IPerspective)
+
+
+def test_periodic_push_stop_is_idempotent(clock):
+    ticker = PeriodicPush(clock, 1.0, lambda: defer.succeed(None))
+    ticker.start()
+    ticker.stop()
+    ticker.stop()
+    assert clock.getDelayedCalls() == []
