@@ -57,7 +57,7 @@ def login(clock, mind, period=1.0):
 def test_ticks_arrive_right_after_login_and_once_per_period(clock):
     clock.advance(1000)
     mind = FakeMind()
-    session, avatar = login(clock, mind, period=2.0)
+    session, _avatar = login(clock, mind, period=2.0)
     assert mind.times() == []  # not before the login answer has gone out
     clock.advance(0)
     assert mind.times() == [1000.0]
@@ -123,7 +123,7 @@ def test_period_bounds_are_accepted():
 
 def test_no_push_after_the_session_ends(clock):
     mind = FakeMind()
-    session, avatar = login(clock, mind)
+    session, _avatar = login(clock, mind)
     clock.advance(0)
     session.close()
     clock.advance(10)
@@ -133,7 +133,7 @@ def test_no_push_after_the_session_ends(clock):
 
 def test_no_push_when_the_session_ends_before_the_first(clock):
     mind = FakeMind()
-    session, avatar = login(clock, mind)
+    session, _avatar = login(clock, mind)
     session.close()
     clock.advance(10)
     assert mind.times() == []
@@ -155,7 +155,7 @@ def test_a_slow_client_gets_no_second_push_until_it_answers(clock):
 
 def test_a_vanished_client_raises_nothing_and_logs_nothing(clock, log):
     mind = FakeMind()
-    session, avatar = login(clock, mind)
+    session, _avatar = login(clock, mind)
     clock.advance(0)
     mind.gone = True
     clock.pump([1.0] * 3)

@@ -167,7 +167,7 @@ async def test_drop_while_the_realm_runs(harness, reactor, late, log):
 async def test_drop_after_the_login_completed(harness, reactor, late, log):
     root, checker, realm = late
     served = await harness.serve(root=root)
-    factory, answer = await startLogin(reactor, served)
+    _factory, answer = await startLogin(reactor, served)
     await checker.called
     checker.release()
     await realm.called
