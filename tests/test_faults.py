@@ -78,120 +78,129 @@ class LateRealm:
         self.waiting.pop(0).callback(None)
 
 
-async def startLogin(reactor, served, password=USERS["alice"]):
+class SlowLogin:
     """
-    Log in step by step: get the root, ask for a challenge, respond.
-
-    @return: the client factory and the Deferred of the response.
+    A limited realm (one session per user) behind a late checker and realm,
+    and a client that logs in step by step so that it can drop at any point.
     """
-    factory = pb.PBClientFactory()
-    reactor.connectTCP("127.0.0.1", served.port.getHost().port, factory)
-    root = await factory.getRootObject()
-    challenge, challenger = await root.callRemote("login", b"alice")
-    response = pb.respond(challenge, password.encode())
-    answer = challenger.callRemote("respond", response, None)
-    answer.addErrback(lambda f: None if f.check(pb.PBConnectionLost) else localize(f))
-    return factory, answer
+
+    def __init__(self, reactor, served, checker: LateChecker, realm: LateRealm) -> None:
+        self.reactor = reactor
+        self.served = served
+        self.checker = checker
+        self.realm = realm
+        self.factory = pb.PBClientFactory()
+
+    async def connect(self):
+        port = self.served.port.getHost().port
+        self.reactor.connectTCP("127.0.0.1", port, self.factory)
+        return await self.factory.getRootObject()
+
+    async def start(self, password: str = USERS["alice"]) -> defer.Deferred:
+        """
+        Ask for a challenge and respond.  The answer is the perspective, or
+        L{None} if the connection was lost first.
+        """
+        root = await self.connect()
+        challenge, challenger = await root.callRemote("login", b"alice")
+        answer = challenger.callRemote("respond", pb.respond(challenge, password.encode()), None)
+        answer.addErrback(lambda f: None if f.check(pb.PBConnectionLost) else localize(f))
+        return answer
+
+    async def passChecker(self) -> None:
+        await self.checker.called
+        self.checker.release()
+
+    async def passRealm(self) -> None:
+        await self.realm.called
+        self.realm.release()
+
+    async def drop(self) -> None:
+        self.factory.disconnect()
+        await self.served.settled()
+
+    async def assertRecovered(self) -> None:
+        """
+        No session is left open, every avatar created was logged out, and
+        the user's one slot is free again.
+        """
+        await self.served.settled()
+        assert self.served.registry.countOf("alice") == 0
+        assert self.realm.logouts == self.realm.created
+        # Answer at once from now on.
+        self.served.root.checker = self.checker.checker
+        self.served.root.realm = self.realm.realm
+        conn = await self.served.login("alice")
+        assert (await conn.callRemote("status"))["sessions"] == 1
 
 
-@pytest.fixture
-def late(harness):
+@pytest_twisted.async_yield_fixture()
+async def slow(harness, reactor):
     root = harness.makeRoot("limited", maxPerUser=1)
     checker = LateChecker(root.checker)
     realm = LateRealm(root.realm)
-    return LoginRoot(checker, realm, root.registry), checker, realm
-
-
-async def assertRecovered(served, reactor, realm=None):
-    """
-    No session is left open, and the one slot of the user is free again.
-    """
-    await served.settled()
-    assert served.registry.countOf("alice") == 0
-    if realm is not None:
-        assert realm.logouts == realm.created
-        # Answer at once from now on.
-        served.root.checker = served.root.checker.checker
-        served.root.realm = realm.realm
-    conn = await served.login("alice")
-    assert (await conn.callRemote("status"))["sessions"] == 1
+    served = await harness.serve(root=LoginRoot(checker, realm, root.registry))
+    login = SlowLogin(reactor, served, checker, realm)
+    yield login
+    login.factory.disconnect()
 
 
 @pytest_twisted.ensureDeferred
-async def test_drop_before_responding(harness, reactor, late, log):
-    root, checker, realm = late
-    served = await harness.serve(root=root)
-    factory = pb.PBClientFactory()
-    reactor.connectTCP("127.0.0.1", served.port.getHost().port, factory)
-    rootObject = await factory.getRootObject()
-    await rootObject.callRemote("login", b"alice")
-    factory.disconnect()
-    await served.settled()
-    assert not checker.waiting and realm.created == 0
-    await assertRecovered(served, reactor, realm)
+async def test_drop_before_responding(slow, log):
+    root = await slow.connect()
+    await root.callRemote("login", b"alice")
+    await slow.drop()
+    assert not slow.checker.waiting and slow.realm.created == 0
+    await slow.assertRecovered()
     assert not log.errors()
 
 
 @pytest_twisted.ensureDeferred
-async def test_drop_while_the_checker_runs(harness, reactor, late, log):
-    root, checker, realm = late
-    served = await harness.serve(root=root)
-    factory, _ = await startLogin(reactor, served)
-    await checker.called
-    factory.disconnect()
-    await served.settled()
-    checker.release()
-    assert realm.created == 0
-    await assertRecovered(served, reactor, realm)
+async def test_drop_while_the_checker_runs(slow, log):
+    await slow.start()
+    await slow.checker.called
+    await slow.drop()
+    slow.checker.release()
+    assert slow.realm.created == 0
+    await slow.assertRecovered()
     assert any("abandoned" in m for m in log.messages())
 
 
 @pytest_twisted.ensureDeferred
-async def test_drop_while_the_realm_runs(harness, reactor, late, log):
-    root, checker, realm = late
-    served = await harness.serve(root=root)
-    factory, _ = await startLogin(reactor, served)
-    await checker.called
-    checker.release()
-    await realm.called
+async def test_drop_while_the_realm_runs(slow):
+    await slow.start()
+    await slow.passChecker()
+    await slow.realm.called
     # The slot is taken while the realm works.
-    assert served.registry.countOf("alice") == 1
-    factory.disconnect()
-    await served.settled()
-    realm.release()
-    assert (realm.created, realm.logouts) == (1, 1)
-    await assertRecovered(served, reactor, realm)
+    assert slow.served.registry.countOf("alice") == 1
+    await slow.drop()
+    slow.realm.release()
+    assert (slow.realm.created, slow.realm.logouts) == (1, 1)
+    await slow.assertRecovered()
 
 
 @pytest_twisted.ensureDeferred
-async def test_drop_after_the_login_completed(harness, reactor, late, log):
-    root, checker, realm = late
-    served = await harness.serve(root=root)
-    _factory, answer = await startLogin(reactor, served)
-    await checker.called
-    checker.release()
-    await realm.called
-    realm.release()
+async def test_drop_after_the_login_completed(slow):
+    answer = await slow.start()
+    await slow.passChecker()
+    await slow.passRealm()
     perspective = await answer
     assert await perspective.callRemote("greet") == "<1>hello alice"
     perspective.broker.transport.abortConnection()
-    await served.settled()
-    assert (realm.created, realm.logouts) == (1, 1)
-    await assertRecovered(served, reactor, realm)
+    await slow.served.settled()
+    assert (slow.realm.created, slow.realm.logouts) == (1, 1)
+    await slow.assertRecovered()
 
 
 @pytest_twisted.ensureDeferred
-async def test_refused_login_while_the_checker_runs(harness, reactor, late, log):
-    root, checker, realm = late
-    served = await harness.serve(root=root)
-    factory, answer = await startLogin(reactor, served, password="wrong")
-    await checker.called
-    checker.release()
+async def test_refused_login_while_the_checker_runs(slow):
+    answer = await slow.start(password="wrong")
+    await slow.passChecker()
     with pytest.raises(BadCredentials):
         await answer
-    assert realm.created == 0
-    factory.disconnect()
-    await assertRecovered(served, reactor, realm)
+    assert slow.realm.created == 0
+    await slow.drop()
+    await slow.assertRecovered()
 
 
 @pytest_twisted.ensureDeferred

@@ -239,3 +239,19 @@ async def test_clock_client_that_vanished_causes_no_error(harness, reactor, log)
     conn.perspective.broker.transport.abortConnection()
     await eventually(reactor, lambda: served.registry.countOf("alice") == 0)
     assert not log.errors()
+
+
+@pytest_twisted.ensureDeferred
+async def test_strcred_file_checker_serves_pb_logins(harness, passwd):
+    from twisted.cred import strcred
+
+    from pbrealms.login import LoginRoot
+
+    root = harness.makeRoot("tracking")
+    checker = strcred.makeChecker(f"file:{passwd}")
+    served = await harness.serve(root=LoginRoot(checker, root.realm, root.registry))
+    conn = await served.login("alice")
+    assert await conn.callRemote("greet") == "<1>hello alice"
+    assert (await conn.callRemote("status"))["user"] == "alice"
+    with pytest.raises(BadCredentials):
+        await served.login("alice", "wrong")
