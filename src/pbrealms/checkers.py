@@ -92,12 +92,12 @@ def checkPermissions(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def _signature(path: str) -> tuple[int, int, int] | None:
+def _signature(path: str) -> tuple[int, int, int, int] | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode)
 
 
 # Compared against for unknown users, so that they cost what a wrong password costs.
@@ -147,7 +147,8 @@ class PasswordFile:
 
     def reloadIfChanged(self) -> bool:
         """
-        Read the file again if its modification time, size or inode changed.
+        Read the file again if its modification time, size, inode or mode
+        changed.
         If the new contents are unusable, keep the current table and log why.
 
         @return: whether a new table is now in use.

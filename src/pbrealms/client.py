@@ -125,7 +125,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_TOO_MANY, EXIT_UNREACHABLE, 
 
 
 class GreetOptions(usage.Options):
-    synopsis = "[--count N]"
+    synopsis = "Usage: pbrealms-client [options] greet [--count N]"
     optParameters = [["count", "n", 1, "How many greetings to ask for.", int]]
 
     def postOptions(self) -> None:
@@ -134,11 +134,11 @@ class GreetOptions(usage.Options):
 
 
 class StatusOptions(usage.Options):
-    synopsis = ""
+    synopsis = "Usage: pbrealms-client [options] status"
 
 
 class ClockOptions(usage.Options):
-    synopsis = "[--period SECONDS] [--ticks K]"
+    synopsis = "Usage: pbrealms-client [options] clock [--period SECONDS] [--ticks K]"
     optParameters = [
         ["period", None, None, "Ask the server for this push period, in seconds.", float],
         ["ticks", "k", None, "Stop after K times. [default: run until interrupted]", int],
@@ -150,7 +150,10 @@ class ClockOptions(usage.Options):
 
 
 class ClientOptions(usage.Options):
-    synopsis = "--user NAME [--password-file FILE] [--connect ENDPOINT] COMMAND [options]"
+    synopsis = (
+        "Usage: pbrealms-client --user NAME [--password-file FILE] [--connect ENDPOINT] "
+        "COMMAND [options]"
+    )
     longdesc = (
         "Log in to a pbrealms server and call it. The password is read from "
         "--password-file or from the PBREALMS_PASSWORD environment variable, "
@@ -183,6 +186,12 @@ class ClientOptions(usage.Options):
             raise usage.UsageError("give --user NAME")
         if self["timeout"] <= 0:
             raise usage.UsageError("--timeout must be more than 0 seconds")
+        from twisted.internet import reactor
+
+        try:
+            self["endpoint"] = endpoints.clientFromString(reactor, self["connect"])
+        except Exception as e:
+            raise usage.UsageError(f"bad --connect {self['connect']!r}: {e}") from None
         self["password"] = self._password()
 
     def _password(self) -> str:
@@ -258,7 +267,7 @@ async def run(reactor: IReactorCore, options: ClientOptions, out=sys.stdout) -> 
     try:
         conn = await connect(
             reactor,
-            options["connect"],
+            options["endpoint"],
             options["user"],
             options["password"],
             mind,

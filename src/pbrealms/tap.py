@@ -21,7 +21,7 @@ from twisted.python import usage
 from twisted.python.reflect import qual
 from twisted.spread import jelly, pb
 
-from pbrealms.checkers import PasswordFile, PasswordFileError
+from pbrealms.checkers import PasswordFile, PasswordFileError, checkPermissions, parsePasswords
 from pbrealms.errors import InvalidPeriod
 from pbrealms.login import LoginRoot
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
@@ -43,36 +43,30 @@ def withBacklog(description: str) -> str:
     """
     Add a large C{backlog=} to a TCP endpoint description that has none.
     """
-    if description.isdigit():
-        description = "tcp:" + description
     kind = description.split(":", 1)[0].lower()
     if kind in ("tcp", "tcp6", "ssl") and not re.search(r"(?<!\\):backlog=", description):
         description += f":backlog={TCP_BACKLOG}"
     return description
 
 
-def isLocalOnly(description: str) -> bool:
+def isLocalOnly(endpoint: IStreamServerEndpoint) -> bool:
     """
-    Whether an endpoint description listens only where no other machine can
-    connect: a UNIX socket, or TCP on a loopback interface.
+    Whether an endpoint listens only where no other machine can connect: a
+    UNIX socket, or TCP on a loopback interface.
     """
-    parts = re.split(r"(?<!\\):", description)
-    kind = parts[0].lower()
-    if kind == "unix":
+    if isinstance(endpoint, endpoints.UNIXServerEndpoint):
         return True
-    if kind not in ("tcp", "tcp6"):
+    if not isinstance(endpoint, (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint)):
         return False
-    for part in parts[1:]:
-        key, _, value = part.partition("=")
-        if key == "interface":
-            host = value.replace("\\:", ":")
-            if host == "localhost":
-                return True
-            try:
-                return ipaddress.ip_address(host).is_loopback
-            except ValueError:
-                return False
-    return False
+    # Read from the parsed endpoint, not the text, so that no spelling of the
+    # description (a repeated or positional interface) can disagree with it.
+    host = endpoint._interface
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -158,6 +152,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(f"--auth {kind}: unknown type; see --help-auth") from None
         if not usable:
             raise usage.UsageError(f"--auth {kind}: cannot answer PB's challenge; see --help-auth")
+        if kind == "file":
+            # strcred only warns about a missing file, and every login would fail.
+            path = description.partition(":")[2]
+            try:
+                checkPermissions(path)
+                parsePasswords(path)
+            except PasswordFileError as e:
+                raise usage.UsageError(f"--auth {e}") from None
         super().opt_auth(description)
 
     opt_a = opt_auth
@@ -169,18 +171,28 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["max"] = self._maxSessions(name, self["max"])
         self["period"] = self._period(name, self["period"])
         self["checker"], self["demo"] = self._checker()
-        self["port"] = withBacklog(self["port"])
-        from twisted.internet import reactor
-
-        try:
-            self["endpoint"] = endpoints.serverFromString(reactor, self["port"])
-        except Exception as e:
-            raise usage.UsageError(f"bad --port {self['port']!r}: {e}") from None
-        if self["demo"] and not isLocalOnly(self["port"]):
+        self["endpoint"] = self._endpoint(self["port"])
+        if self["demo"] and not isLocalOnly(self["endpoint"]):
             raise usage.UsageError(
                 f"refusing to serve the demo users on {self['port']!r}, which is not "
                 "loopback-only: give --passwd FILE or --auth, or listen on 127.0.0.1"
             )
+
+    @staticmethod
+    def _endpoint(description: str) -> IStreamServerEndpoint:
+        from twisted.internet import reactor
+
+        if description.isdigit():
+            description = "tcp:" + description  # as twistd's old strports allowed
+        try:
+            endpoint = endpoints.serverFromString(reactor, description)
+        except Exception as e:
+            raise usage.UsageError(f"bad --port {description!r}: {e}") from None
+        try:
+            return endpoints.serverFromString(reactor, withBacklog(description))
+        except Exception:
+            # A backlog given by position: keep what was asked for.
+            return endpoint
 
     @staticmethod
     def _maxSessions(realm: str, value: str | None) -> int | None:

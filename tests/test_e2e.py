@@ -1,0 +1,344 @@
+"""
+End to end: twistd serving pbrealms in its own process, and pbrealms-client
+calling it from another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+#: twistd, run by the interpreter running the tests.
+TWISTD = [
+    sys.executable,
+    "-c",
+    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+]
+CLIENT = [sys.executable, "-m", "pbrealms.client"]
+LISTENING = re.compile(r"pbrealms listening on 127\.0\.0\.1:(\d+)")
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PBREALMS_PASSWORD"}
+    env.update(extra)
+    return env
+
+
+def waitFor(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.02)
+
+
+class Server:
+    """
+    A twistd pbrealms process, its output going to a file.
+    """
+
+    def __init__(self, process: subprocess.Popen, output: Path) -> None:
+        self.process = process
+        self.outputPath = output
+        self.port: int | None = None
+
+    def output(self) -> str:
+        return self.outputPath.read_text(errors="replace")
+
+    def waitUntilListening(self) -> int:
+        def listening() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"twistd exited with {self.process.returncode}:\n{self.output()}"
+                )
+            return LISTENING.search(self.output()) is not None
+
+        waitFor(listening, START_TIMEOUT, "twistd listening")
+        self.port = int(LISTENING.search(self.output()).group(1))
+        assert self.port > 0
+        return self.port
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp:127.0.0.1:{self.port}"
+
+    def terminate(self) -> str:
+        """
+        Stop with SIGTERM, as a service manager would; check it stopped in
+        time and cleanly, and return its output.
+        """
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            status = self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"twistd still running {STOP_TIMEOUT} s after SIGTERM") from None
+        output = self.output()
+        # twistd shuts down, then ends itself with the signal it received.
+        assert status in (0, -signal.SIGTERM), output
+        assert "Main loop terminated" in output
+        assert "Traceback" not in output
+        assert "Unhandled" not in output
+        return output
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def pwfile(tmp_path: Path) -> Path:
+    """
+    The server's password file, mode 0600.
+    """
+    path = tmp_path / "users.passwd"
+    path.write_text("alice:wonderland\nbob:builder\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def alicePassword(tmp_path: Path) -> Path:
+    """
+    The client's password file for alice.
+    """
+    path = tmp_path / "alice.password"
+    path.write_text("wonderland\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def serve(tmp_path: Path, pwfile: Path) -> Iterator:
+    """
+    Start twistd pbrealms with some options; every server is killed at the end.
+    """
+    servers: list[Server] = []
+    handles = []
+
+    def start(*options: str) -> Server:
+        output = tmp_path / f"twistd-{len(servers)}.log"
+        handle = output.open("wb")
+        handles.append(handle)
+        args = [
+            *TWISTD,
+            "-n",
+            "--pidfile=",
+            "pbrealms",
+            "--port",
+            "tcp:0:interface=127.0.0.1",
+            "--passwd",
+            str(pwfile),
+            *options,
+        ]
+        process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=environment(),
+        )
+        server = Server(process, output)
+        servers.append(server)
+        server.waitUntilListening()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.kill()
+        for handle in handles:
+            handle.close()
+
+
+def client(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLIENT, *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=environment(**env),
+    )
+
+
+def oneLine(text: str) -> str:
+    lines = text.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def closedPort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def limited(serve) -> Server:
+    return serve("--realm=limited", "--max=2")
+
+
+def test_greet(limited, alicePassword):
+    result = client(
+        "--connect", limited.endpoint, "--user", "alice", "--password-file", str(alicePassword),
+        "greet", "--count", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["<1>hello alice", "<2>hello alice"]
+    assert result.stderr == ""
+    output = limited.terminate()
+    assert "alice logged in" in output
+    assert "alice disconnected" in output
+
+
+def test_status(limited, alicePassword):
+    result = client(
+        "--connect", limited.endpoint, "--user", "alice", "--password-file", str(alicePassword),
+        "status",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    status = json.loads(oneLine(result.stdout))
+    assert status["realm"] == "limited"
+    assert status["max"] == 2
+    assert status["user"] == "alice"
+    assert status["sessions"] == 1
+
+
+def test_wrong_password(limited, tmp_path):
+    wrong = tmp_path / "wrong"
+    wrong.write_text("builder\n")
+    result = client(
+        "--connect", limited.endpoint, "--user", "alice", "--password-file", str(wrong),
+        "greet",
+    )  # fmt: skip
+    assert result.returncode == 3
+    assert result.stdout == ""
+    line = oneLine(result.stderr)
+    assert "login refused" in line
+    assert "builder" not in line
+
+
+def test_password_from_environment(limited):
+    result = client(
+        "--connect", limited.endpoint, "--user", "bob", "greet", PBREALMS_PASSWORD="builder"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["<1>hello bob"]
+    wrong = client("--connect", limited.endpoint, "--user", "bob", "greet", PBREALMS_PASSWORD="x")
+    assert wrong.returncode == 3
+
+
+def test_connection_refused(alicePassword):
+    port = closedPort()
+    result = client(
+        "--connect", f"tcp:127.0.0.1:{port}", "--user", "alice",
+        "--password-file", str(alicePassword), "greet",
+    )  # fmt: skip
+    assert result.returncode == 5
+    assert result.stdout == ""
+    line = oneLine(result.stderr)
+    assert "connection refused" in line
+    assert str(port) in line
+
+
+def test_console_script():
+    script = Path(sys.executable).parent / "pbrealms-client"
+    assert script.is_file()
+    assert os.access(script, os.X_OK)
+    result = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, timeout=30, env=environment()
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--connect" in result.stdout
+    assert "greet" in result.stdout
+
+
+def test_clock_and_sigterm_with_a_session_open(serve, alicePassword, tmp_path):
+    server = serve("--realm=clock", "--period=0.1")
+    common = [
+        "--connect", server.endpoint, "--user", "alice", "--password-file", str(alicePassword),
+    ]  # fmt: skip
+
+    started = time.monotonic()
+    result = client(*common, "clock", "--ticks", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} UTC", line), line
+    assert time.monotonic() - started < 10
+
+    # A client that stays connected while the server is told to stop.
+    ticks, errors = tmp_path / "ticks", tmp_path / "errors"
+    with ticks.open("wb") as out, errors.open("wb") as err:
+        listener = subprocess.Popen(
+            [*CLIENT, *common, "clock"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=environment(),
+        )
+    try:
+        waitFor(
+            lambda: listener.poll() is not None or ticks.read_text().count("\n") >= 2,
+            START_TIMEOUT,
+            "the clock client printing",
+        )
+        assert listener.poll() is None, errors.read_text()
+        output = server.terminate()
+        assert output.count("alice logged in") == 2
+        assert output.count("alice disconnected") == 2
+        assert listener.wait(STOP_TIMEOUT) == 1
+        assert "lost the connection" in oneLine(errors.read_text())
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+        listener.wait()
+
+
+def test_bad_option_exits_with_one_line(tmp_path):
+    result = subprocess.run(
+        [*TWISTD, "-n", "--pidfile=", "pbrealms", "--port", "tcp:0:interface=127.0.0.1",
+         "--realm=nope"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env=environment(),
+    )  # fmt: skip
+    assert result.returncode != 0
+    line = oneLine(result.stderr)
+    assert "'nope'" in line
+    assert "realm" in line
+    assert "listening" not in result.stdout
+    assert "starting up" not in result.stdout
+
+
+def test_twistd_help_lists_pbrealms(tmp_path):
+    result = subprocess.run(
+        [*TWISTD, "--help"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env=environment(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^\s+pbrealms\s+\S", result.stdout, re.MULTILINE), result.stdout
