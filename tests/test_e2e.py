@@ -18,13 +18,10 @@ from pathlib import Path
 
 import pytest
 
-#: twistd, run by the interpreter running the tests.
-TWISTD = [
-    sys.executable,
-    "-c",
-    "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-]
-CLIENT = [sys.executable, "-m", "pbrealms.client"]
+#: The commands a user runs, from the virtualenv running the tests.
+BIN = Path(sys.executable).parent
+TWISTD = [str(BIN / "twistd")]
+CLIENT = [str(BIN / "pbrealms-client")]
 LISTENING = re.compile(r"pbrealms listening on 127\.0\.0\.1:(\d+)")
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
@@ -256,14 +253,13 @@ def test_connection_refused(alicePassword):
     assert str(port) in line
 
 
-def test_console_script():
-    script = Path(sys.executable).parent / "pbrealms-client"
-    assert script.is_file()
-    assert os.access(script, os.X_OK)
+@pytest.mark.parametrize("command", [CLIENT, [sys.executable, "-m", "pbrealms.client"]])
+def test_client_help(command):
     result = subprocess.run(
-        [str(script), "--help"], capture_output=True, text=True, timeout=30, env=environment()
+        [*command, "--help"], capture_output=True, text=True, timeout=30, env=environment()
     )
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: pbrealms-client")
     assert "--connect" in result.stdout
     assert "greet" in result.stdout
 
