@@ -300,7 +300,7 @@ def test_clock_and_sigterm_with_a_session_open(serve, alicePassword, tmp_path):
         assert output.count("alice logged in") == 2
         assert output.count("alice disconnected") == 2
         assert listener.wait(STOP_TIMEOUT) == 1
-        assert "lost the connection" in oneLine(errors.read_text())
+        assert "the server stopped: the server is shutting down" in oneLine(errors.read_text())
     finally:
         if listener.poll() is None:
             listener.kill()

@@ -17,7 +17,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer
 from twisted.spread import pb
 
-from pbrealms.client import ClockListener
+from pbrealms.client import ClientMind
 from pbrealms.errors import BadCredentials, localize
 from pbrealms.login import LoginRoot
 
@@ -254,6 +254,6 @@ async def test_client_process_killed(harness, reactor, log, realm):
         client.kill()
         client.wait(10)
     await eventually(reactor, lambda: served.registry.countOf("alice") == 0)
-    conn = await served.login("alice", mind=ClockListener(lambda t: None))
+    conn = await served.login("alice", mind=ClientMind())
     assert await conn.callRemote("greet") == "<1>hello alice"
     assert not log.errors()

@@ -409,7 +409,11 @@ def test_makeService_with_passwd(capsys, tmp_path):
     assert isinstance(server, service.MultiService)
     assert server.name == "pbrealms"
     assert not server.running
-    assert [child.name for child in server] == ["pb-listener", "password-file-watcher"]
+    assert [child.name for child in server] == [
+        "pb-listener",
+        "graceful-shutdown",
+        "password-file-watcher",
+    ]
     watcher = server.getServiceNamed("password-file-watcher")
     assert isinstance(watcher, internet.TimerService)
     assert watcher.call[0] == options["checker"].reloadIfChanged
@@ -426,14 +430,14 @@ def test_makeService_with_passwd(capsys, tmp_path):
 def test_makeService_with_demo_users(capsys, log):
     server = makeService(parse(capsys, "--port", LOOPBACK))
     assert server.name == "pbrealms"
-    assert [child.name for child in server] == ["pb-listener"]
+    assert [child.name for child in server] == ["pb-listener", "graceful-shutdown"]
     assert any("demo users" in m for m in log.messages()), log.messages()
 
 
 def test_makeService_with_auth(capsys, tmp_path):
     path = writePasswd(tmp_path / "users", "alice:wonderland\n")
     server = makeService(parse(capsys, "--auth", f"file:{path}", "--port", LOOPBACK))
-    assert [child.name for child in server] == ["pb-listener"]
+    assert [child.name for child in server] == ["pb-listener", "graceful-shutdown"]
 
 
 @pytest.mark.parametrize("realm", sorted(REALMS))

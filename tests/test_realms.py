@@ -9,7 +9,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.spread import pb
 
-from pbrealms.client import ClockListener
+from pbrealms.client import ClientMind
 from pbrealms.errors import (
     BadArguments,
     BadCredentials,
@@ -198,7 +198,7 @@ async def test_tracebacks_never_cross_the_wire(harness):
 async def test_clock_pushes_the_time_over_tcp(harness, reactor):
     served = await harness.serve("clock", period=0.05)
     times: list[float] = []
-    conn = await served.login("alice", mind=ClockListener(times.append))
+    conn = await served.login("alice", mind=ClientMind(times.append))
     await eventually(reactor, lambda: len(times) >= 3)
     assert times == sorted(times)
     assert all(abs(t - reactor.seconds()) < 5 for t in times)
@@ -213,7 +213,7 @@ async def test_clock_refuses_bad_periods_with_typed_error(harness):
     from pbrealms.errors import InvalidPeriod
 
     served = await harness.serve("clock", period=1.0)
-    conn = await served.login("alice", mind=ClockListener(lambda t: None))
+    conn = await served.login("alice", mind=ClientMind())
     for bad in ("1", None, True, float("nan"), float("inf"), -1.0, 0, 0.001, 1e9, [1]):
         with pytest.raises(InvalidPeriod):
             await conn.callRemote("setperiod", bad)
@@ -234,7 +234,7 @@ async def test_clock_refuses_a_login_without_a_mind(harness, log):
 async def test_clock_client_that_vanished_causes_no_error(harness, reactor, log):
     served = await harness.serve("clock", period=0.05)
     times: list[float] = []
-    conn = await served.login("alice", mind=ClockListener(times.append))
+    conn = await served.login("alice", mind=ClientMind(times.append))
     await eventually(reactor, lambda: len(times) >= 1)
     conn.perspective.broker.transport.abortConnection()
     await eventually(reactor, lambda: served.registry.countOf("alice") == 0)

@@ -60,17 +60,30 @@ class Connection:
         return closed
 
 
-class ClockListener(pb.Referenceable):
+def _ignore(_: object) -> None:
+    pass
+
+
+class ClientMind(pb.Referenceable):
     """
-    A client object for the clock realm: calls C{onTime(seconds)} for every
-    C{notifyTime} the server pushes.
+    The client object passed at login, which the server pushes to: it calls
+    C{onTime(seconds)} for every C{notifyTime} (the clock realm) and
+    C{onShutdown(reason)} when the server says it is shutting down.
     """
 
-    def __init__(self, onTime: Callable[[float], object]) -> None:
+    def __init__(
+        self,
+        onTime: Callable[[float], object] = _ignore,
+        onShutdown: Callable[[str], object] = _ignore,
+    ) -> None:
         self.onTime = onTime
+        self.onShutdown = onShutdown
 
     def remote_notifyTime(self, seconds: float) -> None:
         self.onTime(seconds)
+
+    def remote_notifyShutdown(self, reason: str) -> None:
+        self.onShutdown(reason)
 
 
 async def connect(
@@ -263,7 +276,11 @@ async def run(reactor: IReactorCore, options: ClientOptions, out=sys.stdout) -> 
             done.callback(None)
 
     # Every command passes a client object, so that it can log in to any realm.
-    mind = ClockListener(onTime if command == "clock" else lambda seconds: None)
+    def onShutdown(reason: str) -> None:
+        if not done.called:
+            done.errback(CommandFailed(f"the server stopped: {reason}", EXIT_ERROR))
+
+    mind = ClientMind(onTime if command == "clock" else _ignore, onShutdown)
     try:
         conn = await connect(
             reactor,

@@ -55,7 +55,7 @@ def push(mind: pb.RemoteReference, method: str, *args: object) -> defer.Deferred
 
 
 def _pushFailed(reason, method: str) -> bool:
-    if not reason.check(pb.DeadReferenceError, pb.PBConnectionLost):
+    if not reason.check(pb.DeadReferenceError, pb.PBConnectionLost, defer.CancelledError):
         _log.warn(
             "client answered {method} with an error: {error}",
             method=method,

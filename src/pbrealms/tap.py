@@ -6,16 +6,18 @@ the service tree it builds.
 from __future__ import annotations
 
 import ipaddress
+import math
+import os
 import re
 import sys
 from importlib.resources import files
 
-from twisted.application import internet, service
+from twisted.application import internet
 from twisted.cred import strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword
 from twisted.internet import endpoints
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.reflect import qual
@@ -26,10 +28,13 @@ from pbrealms.errors import InvalidPeriod
 from pbrealms.login import LoginRoot
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
 from pbrealms.realms import REALMS, ClockRealm
+from pbrealms.service import GracefulShutdown, PBListener, PBRealmsService, PBServerFactory
 from pbrealms.sessions import SessionRegistry
 
 DEFAULT_PORT = "tcp:8787:interface=127.0.0.1"
 DEFAULT_PERIOD = 1.0
+DEFAULT_GRACE = 5.0
+MAX_GRACE = 3600.0
 #: Twisted listens with a backlog of 50, which hangs a storm of logins.
 TCP_BACKLOG = 1024
 #: Authentication types that offer IUsernameHashedPassword but cannot serve
@@ -37,6 +42,14 @@ TCP_BACKLOG = 1024
 UNUSABLE_AUTH_TYPES = frozenset({"memory"})
 
 _log = Logger()
+
+
+def environmentName(option: str) -> str:
+    """
+    The environment variable that sets C{option}: C{PBREALMS_SHUTDOWN_GRACE}
+    for C{shutdown-grace}.
+    """
+    return "PBREALMS_" + option.upper().replace("-", "_")
 
 
 def withBacklog(description: str) -> str:
@@ -79,7 +92,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     longdesc = (
         "Serve Twisted's Perspective Broker with the realm strategy of your choice. "
         "Clients log in with pb.PBClientFactory.login(UsernamePassword(user, password)) "
-        "or with pbrealms-client."
+        "or with pbrealms-client. Every option can also be set in the environment as "
+        "PBREALMS_<OPTION> (PBREALMS_REALM, PBREALMS_MAX, PBREALMS_SHUTDOWN_GRACE ...); "
+        "the command line wins."
     )
     optParameters = [
         ["realm", "r", "cache", "Realm strategy: " + ", ".join(REALMS) + "."],
@@ -112,6 +127,20 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             f"With --realm=clock: the push period a session starts with, in seconds, "
             f"from {MIN_PERIOD:g} to {MAX_PERIOD:g}. [default: {DEFAULT_PERIOD:g}]",
         ],
+        [
+            "shutdown-grace",
+            None,
+            str(DEFAULT_GRACE),
+            "On SIGTERM or SIGINT: the seconds that sessions get to finish their calls "
+            "after being told of the shutdown, before their connections are closed.",
+        ],
+        [
+            "metrics",
+            None,
+            None,
+            "Serve /metrics (Prometheus), /healthz and /sessions over HTTP on this "
+            "server endpoint, e.g. tcp:9108:interface=127.0.0.1. [default: off]",
+        ],
     ]
     supportedInterfaces = (IUsernameHashedPassword,)
     compData = usage.Completions(
@@ -120,6 +149,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "passwd": usage.CompleteFiles(),
         }
     )
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Settings from the environment, for containers: no shell wrapper
+        # (which would swallow SIGTERM) is needed to turn them into options.
+        for name, _, _, _ in self.optParameters:
+            value = os.environ.get(environmentName(name))
+            if value:
+                self[name] = value
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         # twistd answers a usage error with its whole --help; one line is kinder.
@@ -171,7 +209,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["max"] = self._maxSessions(name, self["max"])
         self["period"] = self._period(name, self["period"])
         self["checker"], self["demo"] = self._checker()
-        self["endpoint"] = self._endpoint(self["port"])
+        self["endpoint"] = self._endpoint(self["port"], "--port")
+        self["shutdown-grace"] = self._grace(self["shutdown-grace"])
+        if self["metrics"] is not None:
+            self["metrics-endpoint"] = self._endpoint(self["metrics"], "--metrics")
         if self["demo"] and not isLocalOnly(self["endpoint"]):
             raise usage.UsageError(
                 f"refusing to serve the demo users on {self['port']!r}, which is not "
@@ -179,7 +220,19 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             )
 
     @staticmethod
-    def _endpoint(description: str) -> IStreamServerEndpoint:
+    def _grace(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not 0 <= seconds <= MAX_GRACE:
+            raise usage.UsageError(
+                f"--shutdown-grace must be from 0 to {MAX_GRACE:g} seconds, not {value!r}"
+            )
+        return seconds
+
+    @staticmethod
+    def _endpoint(description: str, option: str) -> IStreamServerEndpoint:
         from twisted.internet import reactor
 
         if description.isdigit():
@@ -187,7 +240,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         try:
             endpoint = endpoints.serverFromString(reactor, description)
         except Exception as e:
-            raise usage.UsageError(f"bad --port {description!r}: {e}") from None
+            raise usage.UsageError(f"bad {option} {description!r}: {e}") from None
         try:
             return endpoints.serverFromString(reactor, withBacklog(description))
         except Exception:
@@ -244,61 +297,6 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(str(e)) from None
 
 
-class PBListener(service.Service):
-    """
-    Listens on an endpoint, says where, and stops listening when stopped.
-
-    A failure to listen is raised from L{privilegedStartService}, so twistd
-    exits instead of running without a port.
-    """
-
-    _log = Logger()
-
-    def __init__(
-        self, endpoint: IStreamServerEndpoint, factory: pb.PBServerFactory, description: str
-    ) -> None:
-        self.endpoint = endpoint
-        self.factory = factory
-        self.description = description
-        self.port: IListeningPort | None = None
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._listen()
-
-    def startService(self) -> None:
-        super().startService()
-        if self.port is None:
-            self._listen()
-
-    def _listen(self) -> None:
-        failed = []
-        d = self.endpoint.listen(self.factory)
-        d.addCallbacks(self._listening, failed.append)
-        if failed:
-            raise SystemExit(
-                f"pbrealms: cannot listen on {self.description}: {failed[0].getErrorMessage()}"
-            )
-
-    def _listening(self, port: IListeningPort) -> None:
-        self.port = port
-        address = port.getHost()
-        where = getattr(address, "port", None)
-        host = getattr(address, "host", None) or getattr(address, "name", address)
-        self._log.info(
-            "pbrealms listening on {host}{sep}{port}",
-            host=host,
-            sep=":" if where is not None else "",
-            port=where or "",
-        )
-
-    def stopService(self):
-        super().stopService()
-        port, self.port = self.port, None
-        if port is not None:
-            return port.stopListening()
-
-
 def wireSecurity() -> jelly.SecurityOptions:
     """
     What clients may send: basic types, references to their own objects (a
@@ -312,9 +310,10 @@ def wireSecurity() -> jelly.SecurityOptions:
     return security
 
 
-def makeService(options: Options) -> service.MultiService:
+def makeService(options: Options) -> PBRealmsService:
     """
-    Build the server: a PB listener and, for a password file, its watcher.
+    Build the server: a PB listener, the graceful shutdown of its sessions,
+    and, for a password file, its watcher.
     """
     from twisted.internet import reactor
 
@@ -325,15 +324,16 @@ def makeService(options: Options) -> service.MultiService:
     else:
         realm = REALMS[name](registry, reactor)
     checker = options["checker"]
-    root = LoginRoot(checker, realm, registry)
-    factory = pb.PBServerFactory(root, unsafeTracebacks=False, security=wireSecurity())
-    factory.noisy = False
+    factory = PBServerFactory(LoginRoot(checker, realm, registry), wireSecurity())
 
-    server = service.MultiService()
-    server.setName("pbrealms")
-    listener = PBListener(options["endpoint"], factory, options["port"])
-    listener.setName("pb-listener")
-    listener.setServiceParent(server)
+    server = PBRealmsService()
+    children = [
+        ("pb-listener", PBListener(options["endpoint"], factory, options["port"])),
+        (
+            "graceful-shutdown",
+            GracefulShutdown(reactor, registry, factory, options["shutdown-grace"]),
+        ),
+    ]
     if isinstance(checker, PasswordFile):
         if options["demo"]:
             _log.warn(
@@ -342,7 +342,10 @@ def makeService(options: Options) -> service.MultiService:
                 path=checker.path,
             )
         else:
-            watcher = internet.TimerService(1.0, checker.reloadIfChanged)
-            watcher.setName("password-file-watcher")
-            watcher.setServiceParent(server)
+            children.append(
+                ("password-file-watcher", internet.TimerService(1.0, checker.reloadIfChanged))
+            )
+    for childName, child in children:
+        child.setName(childName)
+        child.setServiceParent(server)
     return server

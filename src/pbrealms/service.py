@@ -1,0 +1,164 @@
+"""
+The running server: the listener, its connections, readiness, and the
+graceful shutdown.
+"""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.spread import pb
+
+from pbrealms.notify import notify
+from pbrealms.push import push
+from pbrealms.sessions import SessionRegistry
+
+_log = Logger()
+
+
+class PBServerFactory(pb.PBServerFactory):
+    """
+    PB's server factory, keeping the connections it made so that they can be
+    counted and closed.
+
+    @ivar brokers: the open connections.
+    """
+
+    noisy = False
+
+    def __init__(self, root: pb.IPBRoot, security) -> None:
+        super().__init__(root, unsafeTracebacks=False, security=security)
+        self.brokers: set[pb.Broker] = set()
+
+    def buildProtocol(self, addr) -> pb.Broker:
+        broker = super().buildProtocol(addr)
+        self.brokers.add(broker)
+        broker.notifyOnDisconnect(lambda: self.brokers.discard(broker))
+        return broker
+
+
+class PBListener(service.Service):
+    """
+    Listens on an endpoint, says where, and stops listening when stopped.
+
+    A failure to listen is raised from L{privilegedStartService}, so twistd
+    exits instead of running without a port.
+    """
+
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: pb.PBServerFactory, description: str
+    ) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.description = description
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.port is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        failed = []
+        self.endpoint.listen(self.factory).addCallbacks(self._listening, failed.append)
+        if failed:
+            raise SystemExit(
+                f"pbrealms: cannot listen on {self.description}: {failed[0].getErrorMessage()}"
+            )
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        address = port.getHost()
+        host = getattr(address, "host", None) or getattr(address, "name", address)
+        where = f"{host}:{address.port}" if hasattr(address, "port") else str(host)
+        _log.info("pbrealms listening on {where}", where=where)
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+
+
+class GracefulShutdown(service.Service):
+    """
+    On stop: tell every session that has a mind that the server is shutting
+    down, give the answers (and so the calls before them) up to C{grace}
+    seconds, then close every connection.  Each session then ends through its
+    disconnect, exactly once.
+    """
+
+    reason = "the server is shutting down"
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        registry: SessionRegistry,
+        factory: PBServerFactory,
+        grace: float,
+    ) -> None:
+        self.clock = clock
+        self.registry = registry
+        self.factory = factory
+        self.grace = grace
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        sessions = [s for s in self.registry if s.mind is not None]
+        _log.info(
+            "shutting down: telling {told} sessions, {grace:g} s grace",
+            told=len(sessions),
+            grace=self.grace,
+        )
+        told = defer.DeferredList([push(s.mind, "notifyShutdown", self.reason) for s in sessions])
+        told.addTimeout(self.grace, self.clock)
+        told.addErrback(lambda f: f.trap(defer.TimeoutError))
+        yield told
+        yield self._closeConnections()
+
+    def _closeConnections(self) -> defer.Deferred:
+        brokers = list(self.factory.brokers)
+        closed = []
+        for broker in brokers:
+            d: defer.Deferred = defer.Deferred()
+            broker.notifyOnDisconnect(lambda d=d: d.callback(None))
+            closed.append(d)
+            # A peer that stopped reading would never let loseConnection finish.
+            broker.transport.abortConnection()
+        return defer.gatherResults(closed)
+
+
+class PBRealmsService(service.MultiService):
+    """
+    The whole server.  It tells systemd (when started by it) that it is ready
+    once its port listens, and that it is stopping when it stops.
+
+    @ivar stopping: whether a stop has begun; health checks fail from then on.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setName("pbrealms")
+        self.stopping = False
+
+    @property
+    def listening(self) -> bool:
+        listener = self.getServiceNamed("pb-listener")
+        return listener.port is not None and not self.stopping
+
+    def startService(self) -> None:
+        super().startService()
+        if self.listening:
+            notify("READY=1")
+
+    def stopService(self):
+        self.stopping = True
+        notify("STOPPING=1")
+        return super().stopService()
