@@ -410,9 +410,9 @@ def test_makeService_with_passwd(capsys, tmp_path):
     assert server.name == "pbrealms"
     assert not server.running
     assert [child.name for child in server] == [
-        "pb-listener",
-        "graceful-shutdown",
         "password-file-watcher",
+        "graceful-shutdown",
+        "pb-listener",
     ]
     watcher = server.getServiceNamed("password-file-watcher")
     assert isinstance(watcher, internet.TimerService)
@@ -430,14 +430,14 @@ def test_makeService_with_passwd(capsys, tmp_path):
 def test_makeService_with_demo_users(capsys, log):
     server = makeService(parse(capsys, "--port", LOOPBACK))
     assert server.name == "pbrealms"
-    assert [child.name for child in server] == ["pb-listener", "graceful-shutdown"]
+    assert [child.name for child in server] == ["graceful-shutdown", "pb-listener"]
     assert any("demo users" in m for m in log.messages()), log.messages()
 
 
 def test_makeService_with_auth(capsys, tmp_path):
     path = writePasswd(tmp_path / "users", "alice:wonderland\n")
     server = makeService(parse(capsys, "--auth", f"file:{path}", "--port", LOOPBACK))
-    assert [child.name for child in server] == ["pb-listener", "graceful-shutdown"]
+    assert [child.name for child in server] == ["graceful-shutdown", "pb-listener"]
 
 
 @pytest.mark.parametrize("realm", sorted(REALMS))

@@ -27,7 +27,13 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
-from pbrealms.errors import BadCredentials, LoginFailed, LoginRefused, dispatch
+from pbrealms.errors import (
+    BadCredentials,
+    LoginFailed,
+    LoginRefused,
+    TooManyConnections,
+    dispatch,
+)
 from pbrealms.sessions import Session, SessionRegistry
 
 _log = Logger()
@@ -147,6 +153,8 @@ class _Login:
         self.broker = broker
         self.username = username
         self.peer = describePeer(broker.transport.getPeer())
+        self.metrics = root.registry.metrics
+        self.started = root.registry.clock.seconds()
 
     def run(self, credentials: _Challenger, mind: object) -> defer.Deferred:
         d = defer.maybeDeferred(self.root.checker.requestAvatarId, credentials)
@@ -176,9 +184,7 @@ class _Login:
         if broker.disconnected:
             session.close("disconnected during login")
             raise _ConnectionGone()
-        # A fresh referenceable per login, so that each login has its own
-        # entry in the broker's cleanup table even when the avatar is shared.
-        reference = pb.AsReferenceable(avatar, "perspective")
+        reference = _SessionReference(avatar, session, self.root.registry.clock)
         puid = reference.processUniqueID()
 
         def loggedOut() -> None:
@@ -196,10 +202,14 @@ class _Login:
         broker.notifyOnDisconnect(disconnected)
         session.onClose(forget)
         self.root.registry.activate(session)
+        self.metrics.logins.labels("ok").inc()
+        self.metrics.loginLatency.observe(self.root.registry.clock.seconds() - self.started)
         return reference
 
     def _refused(self, reason: Failure) -> Failure | None:
+        self.metrics.logins.labels(_outcome(reason, self.broker)).inc()
         user = _printable(self.username)
+        realm = self.root.registry.realm
         if reason.check(_ConnectionGone):
             _log.info(
                 "login of {user} from {peer} abandoned: the client disconnected",
@@ -220,9 +230,10 @@ class _Login:
             if not reason.check(LoginRefused):
                 reason = Failure(BadCredentials())
             _log.info(
-                "login refused for {user} from {peer}: {error}",
+                "login refused for {user} from {peer} (realm {realm}): {error}",
                 user=user,
                 peer=self.peer,
+                realm=realm,
                 error=reason.getErrorMessage(),
             )
             return reason
@@ -230,3 +241,37 @@ class _Login:
             return reason
         _log.failure("login of {user} from {peer} failed", reason, user=user, peer=self.peer)
         return Failure(LoginFailed())
+
+
+def _outcome(reason: Failure, broker: pb.Broker) -> str:
+    """
+    The C{outcome} label of a login that did not succeed.
+    """
+    if reason.check(_ConnectionGone) or broker.disconnected:
+        return "abandoned"
+    if reason.check(TooManyConnections):
+        return "too_many"
+    if reason.check(BadCredentials) or (
+        reason.check(UnauthorizedLogin) and not reason.check(LoginRefused)
+    ):
+        return "bad_credentials"
+    if reason.check(pb.Error):
+        return "refused"
+    return "error"
+
+
+class _SessionReference(pb.Referenceable):
+    """
+    What a client holds of its avatar: one per login, so that each login has
+    its own entry in the broker's cleanup table even when the avatar is
+    shared, and so that the session knows when it was last used.
+    """
+
+    def __init__(self, avatar: pb.IPerspective, session: Session, clock) -> None:
+        self.avatar = avatar
+        self.session = session
+        self.clock = clock
+
+    def remoteMessageReceived(self, broker, message, args, kw):
+        self.session.lastCall = self.clock.seconds()
+        return self.avatar.perspectiveMessageReceived(broker, message, args, kw)

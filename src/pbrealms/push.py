@@ -76,11 +76,21 @@ class PeriodicPush:
     """
 
     def __init__(
-        self, clock: IReactorTime, period: float, pushOnce: Callable[[], defer.Deferred]
+        self,
+        clock: IReactorTime,
+        period: float,
+        pushOnce: Callable[[], defer.Deferred],
+        lateness: Callable[[float], object] = lambda seconds: None,
     ) -> None:
+        """
+        @param pushOnce: sends one push; its L{Deferred} fires when answered.
+        @param lateness: called with how late each tick came, in seconds.
+        """
         self._clock = clock
         self.period = period
         self._pushOnce = pushOnce
+        self._lateness = lateness
+        self._due = 0.0
         self._next: IDelayedCall | None = None
         self._outstanding = False
         self.skipped = 0
@@ -109,9 +119,11 @@ class PeriodicPush:
             self._schedule(period)
 
     def _schedule(self, delay: float) -> None:
+        self._due = self._clock.seconds() + delay
         self._next = self._clock.callLater(delay, self._tick)
 
     def _tick(self) -> None:
+        self._lateness(self._clock.seconds() - self._due)
         self._schedule(self.period)
         if self._outstanding:
             self.skipped += 1

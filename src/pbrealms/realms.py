@@ -130,8 +130,12 @@ class ClockRealm(Realm):
     def avatarFor(self, user: str, mind: object) -> Avatar:
         if mind is None:
             raise MindRequired(self.name)
+        metrics = self.registry.metrics
         ticker = PeriodicPush(
-            self.clock, self.period, lambda: push(mind, "notifyTime", self.clock.seconds())
+            self.clock,
+            self.period,
+            lambda: push(mind, "notifyTime", self.clock.seconds()).addCallback(metrics.pushed),
+            metrics.pushLateness.observe,
         )
         avatar = ClockAvatar(self, self.greeter(user), ticker)
         ticker.start()

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.spread import pb
 
@@ -39,20 +44,27 @@ class PBServerFactory(pb.PBServerFactory):
         return broker
 
 
-class PBListener(service.Service):
+class Listener(service.Service):
     """
     Listens on an endpoint, says where, and stops listening when stopped.
 
     A failure to listen is raised from L{privilegedStartService}, so twistd
     exits instead of running without a port.
+
+    @ivar label: what listens, for the log line.
     """
 
     def __init__(
-        self, endpoint: IStreamServerEndpoint, factory: pb.PBServerFactory, description: str
+        self,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
+        description: str,
+        label: str = "pbrealms",
     ) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.description = description
+        self.label = label
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -69,7 +81,7 @@ class PBListener(service.Service):
         self.endpoint.listen(self.factory).addCallbacks(self._listening, failed.append)
         if failed:
             raise SystemExit(
-                f"pbrealms: cannot listen on {self.description}: {failed[0].getErrorMessage()}"
+                f"{self.label}: cannot listen on {self.description}: {failed[0].getErrorMessage()}"
             )
 
     def _listening(self, port: IListeningPort) -> None:
@@ -77,7 +89,7 @@ class PBListener(service.Service):
         address = port.getHost()
         host = getattr(address, "host", None) or getattr(address, "name", address)
         where = f"{host}:{address.port}" if hasattr(address, "port") else str(host)
-        _log.info("pbrealms listening on {where}", where=where)
+        _log.info("{label} listening on {where}", label=self.label, where=where)
 
     def stopService(self):
         super().stopService()
@@ -117,7 +129,10 @@ class GracefulShutdown(service.Service):
             told=len(sessions),
             grace=self.grace,
         )
-        told = defer.DeferredList([push(s.mind, "notifyShutdown", self.reason) for s in sessions])
+        pushed = self.registry.metrics.pushed
+        told = defer.DeferredList(
+            [push(s.mind, "notifyShutdown", self.reason).addCallback(pushed) for s in sessions]
+        )
         told.addTimeout(self.grace, self.clock)
         told.addErrback(lambda f: f.trap(defer.TimeoutError))
         yield told
@@ -138,7 +153,10 @@ class GracefulShutdown(service.Service):
 class PBRealmsService(service.MultiService):
     """
     The whole server.  It tells systemd (when started by it) that it is ready
-    once its port listens, and that it is stopping when it stops.
+    once its port listens, and that it is stopping when it stops.  Its
+    children stop one after the other, last added first: the PB listener is
+    added last, so that it stops accepting first, and the metrics endpoint
+    first, so that its health check answers 503 for the whole shutdown.
 
     @ivar stopping: whether a stop has begun; health checks fail from then on.
     """
@@ -158,7 +176,10 @@ class PBRealmsService(service.MultiService):
         if self.listening:
             notify("READY=1")
 
+    @defer.inlineCallbacks
     def stopService(self):
         self.stopping = True
         notify("STOPPING=1")
-        return super().stopService()
+        service.Service.stopService(self)
+        for child in reversed(list(self)):
+            yield child.stopService()

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from pbrealms.errors import TooManyConnections
+from pbrealms.metrics import ServerMetrics
 
 
 class Session:
@@ -28,9 +29,21 @@ class Session:
     @ivar since: when the session was admitted, in seconds since the epoch.
     @ivar mind: what the client passed to login as its client object, or
         L{None}.
+    @ivar lastCall: when the client last called its avatar (or logged in).
     """
 
-    __slots__ = ("_onClose", "_registry", "active", "closed", "id", "mind", "peer", "since", "user")
+    __slots__ = (
+        "_onClose",
+        "_registry",
+        "active",
+        "closed",
+        "id",
+        "lastCall",
+        "mind",
+        "peer",
+        "since",
+        "user",
+    )
 
     def __init__(
         self, registry: SessionRegistry, id: int, user: str, peer: str, since: float, mind: object
@@ -41,6 +54,7 @@ class Session:
         self.peer = peer
         self.since = since
         self.mind = mind
+        self.lastCall = since
         self.active = False
         self.closed = False
         self._onClose: list[Callable[[], object]] = []
@@ -84,14 +98,23 @@ class SessionRegistry:
     @ivar realm: the realm's name, for the log.
     @ivar maxPerUser: the most sessions one user may have open, or L{None}
         for no limit.
+    @ivar metrics: where session counts and durations go.
     """
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, realm: str = "", maxPerUser: int | None = None) -> None:
-        self._clock = clock
+    def __init__(
+        self,
+        clock: IReactorTime,
+        realm: str = "",
+        maxPerUser: int | None = None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.clock = clock
         self.realm = realm
         self.maxPerUser = maxPerUser
+        self.metrics = metrics or ServerMetrics()
+        self.metrics.countSessions(realm, self.__len__)
         self._byUser: dict[str, dict[int, Session]] = {}
         self._ids = count(1)
 
@@ -106,7 +129,7 @@ class SessionRegistry:
             if not sessions:
                 del self._byUser[user]
             raise TooManyConnections(self.maxPerUser)
-        session = Session(self, next(self._ids), user, peer, self._clock.seconds(), mind)
+        session = Session(self, next(self._ids), user, peer, self.clock.seconds(), mind)
         sessions[session.id] = session
         return session
 
@@ -131,12 +154,14 @@ class SessionRegistry:
             del self._byUser[session.user]
         if not session.active:
             return
+        duration = self.clock.seconds() - session.since
+        self.metrics.sessionDuration.observe(duration)
         self._log.info(
             "{user} {reason} from {peer} after {duration:.1f} s (session {id}, realm {realm})",
             user=session.user,
             reason=reason,
             peer=session.peer,
-            duration=self._clock.seconds() - session.since,
+            duration=duration,
             id=session.id,
             realm=self.realm,
         )
@@ -152,6 +177,23 @@ class SessionRegistry:
         How many sessions C{user} has open.
         """
         return len(self._byUser.get(user, ()))
+
+    def describe(self) -> list[dict]:
+        """
+        Every open session as a person or a dashboard reads it.
+        """
+        now = self.clock.seconds()
+        return [
+            {
+                "user": s.user,
+                "session": s.id,
+                "peer": s.peer,
+                "since": s.since,
+                "idle": round(now - s.lastCall, 3),
+            }
+            for s in self
+            if s.active
+        ]
 
     def __len__(self) -> int:
         return sum(len(sessions) for sessions in self._byUser.values())

@@ -26,9 +26,10 @@ from twisted.spread import jelly, pb
 from pbrealms.checkers import PasswordFile, PasswordFileError, checkPermissions, parsePasswords
 from pbrealms.errors import InvalidPeriod
 from pbrealms.login import LoginRoot
+from pbrealms.metrics import ServerMetrics, metricsSite
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
 from pbrealms.realms import REALMS, ClockRealm
-from pbrealms.service import GracefulShutdown, PBListener, PBRealmsService, PBServerFactory
+from pbrealms.service import GracefulShutdown, Listener, PBRealmsService, PBServerFactory
 from pbrealms.sessions import SessionRegistry
 
 DEFAULT_PORT = "tcp:8787:interface=127.0.0.1"
@@ -313,27 +314,28 @@ def wireSecurity() -> jelly.SecurityOptions:
 def makeService(options: Options) -> PBRealmsService:
     """
     Build the server: a PB listener, the graceful shutdown of its sessions,
-    and, for a password file, its watcher.
+    and, as asked, the metrics endpoint and the password file's watcher.
     """
     from twisted.internet import reactor
 
     name = options["realm"]
-    registry = SessionRegistry(reactor, realm=name, maxPerUser=options["max"])
+    metrics = ServerMetrics()
+    registry = SessionRegistry(reactor, realm=name, maxPerUser=options["max"], metrics=metrics)
     if REALMS[name] is ClockRealm:
         realm = ClockRealm(registry, reactor, options["period"])
     else:
         realm = REALMS[name](registry, reactor)
     checker = options["checker"]
     factory = PBServerFactory(LoginRoot(checker, realm, registry), wireSecurity())
+    metrics.countConnections(lambda: len(factory.brokers))
 
     server = PBRealmsService()
-    children = [
-        ("pb-listener", PBListener(options["endpoint"], factory, options["port"])),
-        (
-            "graceful-shutdown",
-            GracefulShutdown(reactor, registry, factory, options["shutdown-grace"]),
-        ),
-    ]
+    # Started in this order, stopped in the reverse one (see PBRealmsService).
+    children = []
+    if options["metrics"] is not None:
+        site = metricsSite(metrics, isServing=lambda: server.listening, sessions=registry.describe)
+        listener = Listener(options["metrics-endpoint"], site, options["metrics"], "metrics")
+        children.append(("metrics-http", listener))
     if isinstance(checker, PasswordFile):
         if options["demo"]:
             _log.warn(
@@ -342,9 +344,11 @@ def makeService(options: Options) -> PBRealmsService:
                 path=checker.path,
             )
         else:
-            children.append(
-                ("password-file-watcher", internet.TimerService(1.0, checker.reloadIfChanged))
-            )
+            watcher = internet.TimerService(1.0, checker.reloadIfChanged)
+            children.append(("password-file-watcher", watcher))
+    shutdown = GracefulShutdown(reactor, registry, factory, options["shutdown-grace"])
+    children.append(("graceful-shutdown", shutdown))
+    children.append(("pb-listener", Listener(options["endpoint"], factory, options["port"])))
     for childName, child in children:
         child.setName(childName)
         child.setServiceParent(server)
