@@ -125,12 +125,13 @@ def serve(tmp_path: Path, pwfile: Path) -> Iterator:
     servers: list[Server] = []
     handles = []
 
-    def start(*options: str) -> Server:
+    def start(*options: str, twistdOptions: tuple[str, ...] = ()) -> Server:
         output = tmp_path / f"twistd-{len(servers)}.log"
         handle = output.open("wb")
         handles.append(handle)
         args = [
             *TWISTD,
+            *twistdOptions,
             "-n",
             "--pidfile=",
             "pbrealms",
@@ -338,3 +339,25 @@ def test_twistd_help_lists_pbrealms(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert re.search(r"^\s+pbrealms\s+\S", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_json_logs(serve, alicePassword):
+    server = serve("--realm=tracking", twistdOptions=("--logger=pbrealms.logs.jsonLogger",))
+    common = ["--connect", server.endpoint, "--user", "alice"]
+    assert client(*common, "--password-file", str(alicePassword), "greet").returncode == 0
+    assert client(*common, "status", PBREALMS_PASSWORD="wrong").returncode == 3
+    output = server.terminate()
+    records = [json.loads(line) for line in output.splitlines()]
+    assert all({"time", "level", "namespace", "message"} <= set(r) for r in records)
+    login, logout = (
+        next(r for r in records if r["message"].startswith(f"alice {what}"))
+        for what in ("logged in", "disconnected")
+    )
+    for record in (login, logout):
+        assert record["user"] == "alice"
+        assert record["realm"] == "tracking"
+        assert record["peer"].startswith("127.0.0.1:")
+        assert record["session"] == login["session"]
+    assert isinstance(logout["duration"], float)
+    refused = next(r for r in records if r["message"].startswith("login refused"))
+    assert (refused["user"], refused["realm"], refused["level"]) == ("alice", "tracking", "info")

@@ -61,11 +61,14 @@ def describePeer(address: object) -> str:
 
 def _printable(name: object) -> str:
     """
-    A user name sent by a client, made safe for one log line.
+    A user name sent by a client, made safe for one log line: at most 64
+    characters, control characters escaped.
     """
     if isinstance(name, bytes):
         name = name.decode("utf-8", "replace")
-    return repr(name[:64]) if isinstance(name, str) else f"<{type(name).__name__}>"
+    if not isinstance(name, str):
+        return f"<{type(name).__name__}>"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name[:64])
 
 
 class _RemoteObject(pb.Referenceable):
@@ -212,7 +215,7 @@ class _Login:
         realm = self.root.registry.realm
         if reason.check(_ConnectionGone):
             _log.info(
-                "login of {user} from {peer} abandoned: the client disconnected",
+                "login of {user!r} from {peer} abandoned: the client disconnected",
                 user=user,
                 peer=self.peer,
             )
@@ -220,7 +223,7 @@ class _Login:
         if self.broker.disconnected:
             # Nobody to tell; the reason is all that is left to say.
             _log.info(
-                "login of {user} from {peer} abandoned: {error}",
+                "login of {user!r} from {peer} abandoned: {error}",
                 user=user,
                 peer=self.peer,
                 error=reason.getErrorMessage(),
@@ -230,7 +233,7 @@ class _Login:
             if not reason.check(LoginRefused):
                 reason = Failure(BadCredentials())
             _log.info(
-                "login refused for {user} from {peer} (realm {realm}): {error}",
+                "login refused for {user!r} from {peer} (realm {realm}): {error}",
                 user=user,
                 peer=self.peer,
                 realm=realm,
@@ -239,7 +242,7 @@ class _Login:
             return reason
         if reason.check(pb.Error):
             return reason
-        _log.failure("login of {user} from {peer} failed", reason, user=user, peer=self.peer)
+        _log.failure("login of {user!r} from {peer} failed", reason, user=user, peer=self.peer)
         return Failure(LoginFailed())
 
 

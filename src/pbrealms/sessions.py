@@ -140,10 +140,10 @@ class SessionRegistry:
         """
         session.active = True
         self._log.info(
-            "{user} logged in from {peer} (session {id}, realm {realm})",
+            "{user} logged in from {peer} (session {session}, realm {realm})",
             user=session.user,
             peer=session.peer,
-            id=session.id,
+            session=session.id,
             realm=self.realm,
         )
 
@@ -157,12 +157,12 @@ class SessionRegistry:
         duration = self.clock.seconds() - session.since
         self.metrics.sessionDuration.observe(duration)
         self._log.info(
-            "{user} {reason} from {peer} after {duration:.1f} s (session {id}, realm {realm})",
+            "{user} {reason} from {peer} after {duration:.1f} s (session {session}, realm {realm})",
             user=session.user,
             reason=reason,
             peer=session.peer,
             duration=duration,
-            id=session.id,
+            session=session.id,
             realm=self.realm,
         )
 
