@@ -71,19 +71,19 @@ class Server:
     def endpoint(self) -> str:
         return f"tcp:127.0.0.1:{self.port}"
 
-    def terminate(self) -> str:
+    def terminate(self, sig: int = signal.SIGTERM, within: float = STOP_TIMEOUT) -> str:
         """
-        Stop with SIGTERM, as a service manager would; check it stopped in
-        time and cleanly, and return its output.
+        Stop with C{sig} (SIGTERM, as a service manager would); check it
+        stopped within C{within} seconds and cleanly, and return its output.
         """
-        self.process.send_signal(signal.SIGTERM)
+        self.process.send_signal(sig)
         try:
-            status = self.process.wait(STOP_TIMEOUT)
+            status = self.process.wait(within)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"twistd still running {STOP_TIMEOUT} s after SIGTERM") from None
+            raise AssertionError(f"twistd still running {within} s after {sig!r}") from None
         output = self.output()
         # twistd shuts down, then ends itself with the signal it received.
-        assert status in (0, -signal.SIGTERM), output
+        assert status in (0, -sig), output
         assert "Main loop terminated" in output
         assert "Traceback" not in output
         assert "Unhandled" not in output
@@ -361,3 +361,50 @@ def test_json_logs(serve, alicePassword):
     assert isinstance(logout["duration"], float)
     refused = next(r for r in records if r["message"].startswith("login refused"))
     assert (refused["user"], refused["realm"], refused["level"]) == ("alice", "tracking", "info")
+
+
+class SilentMind:
+    """
+    Source of a client that logs in and then never answers anything.
+    """
+
+    script = """
+import sys
+from twisted.internet import reactor, defer
+from twisted.spread import pb
+from twisted.cred.credentials import UsernamePassword
+
+class Mind(pb.Referenceable):
+    def remote_notifyShutdown(self, reason):
+        print("told:", reason, flush=True)
+        return defer.Deferred()  # never answers
+
+factory = pb.PBClientFactory()
+reactor.connectTCP("127.0.0.1", int(sys.argv[1]), factory)
+held = []
+factory.login(UsernamePassword(b"alice", b"wonderland"), client=Mind()).addCallback(held.append)
+reactor.run()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_graceful_shutdown_waits_the_grace_period_at_most(serve, sig, tmp_path):
+    server = serve("--shutdown-grace=1")
+    out = tmp_path / "silent.out"
+    with out.open("wb") as handle:
+        silent = subprocess.Popen(
+            [sys.executable, "-c", SilentMind.script, str(server.port)],
+            stdout=handle, stderr=subprocess.STDOUT, env=environment(),
+        )  # fmt: skip
+    try:
+        waitFor(lambda: "alice logged in" in server.output(), START_TIMEOUT, "login")
+        started = time.monotonic()
+        output = server.terminate(sig, within=2.0 + 1.0)
+        took = time.monotonic() - started
+        assert 1.0 <= took < 2.0 + 0.5, took  # the grace, then at most a second
+        assert "told: the server is shutting down" in out.read_text()
+        assert output.count("alice disconnected") == 1
+        assert "shutting down: telling 1 session, waiting up to 1 s for answers" in output
+    finally:
+        silent.kill()
+        silent.wait()

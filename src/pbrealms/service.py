@@ -125,8 +125,9 @@ class GracefulShutdown(service.Service):
         super().stopService()
         sessions = [s for s in self.registry if s.mind is not None]
         _log.info(
-            "shutting down: telling {told} sessions, {grace:g} s grace",
+            "shutting down: telling {told} session{s}, waiting up to {grace:g} s for answers",
             told=len(sessions),
+            s="" if len(sessions) == 1 else "s",
             grace=self.grace,
         )
         pushed = self.registry.metrics.pushed
