@@ -44,7 +44,7 @@ def test_a_session_event_is_one_line_with_its_fields():
 def test_a_failure_carries_its_traceback():
     def emit(log):
         try:
-            1 / 0
+            raise ZeroDivisionError("division by zero")
         except ZeroDivisionError:
             log.failure("it broke", Failure())
 
