@@ -114,7 +114,7 @@ class _Sessions(resource.Resource):
         return json.dumps(list(self.sessions()), indent=1).encode("utf-8") + b"\n"
 
 
-class _QuietSite(server.Site):
+class MetricsSite(server.Site):
     """
     A site that logs no line per request: a scraper calls every few seconds.
     """
@@ -137,4 +137,4 @@ def metricsSite(
     root.putChild(b"metrics", _Metrics(metrics))
     root.putChild(b"healthz", _Health(isServing))
     root.putChild(b"sessions", _Sessions(sessions))
-    return _QuietSite(root)
+    return MetricsSite(root)

@@ -124,12 +124,13 @@ class GracefulShutdown(service.Service):
     def stopService(self):
         super().stopService()
         sessions = [s for s in self.registry if s.mind is not None]
-        _log.info(
-            "shutting down: telling {told} session{s}, waiting up to {grace:g} s for answers",
-            told=len(sessions),
-            s="" if len(sessions) == 1 else "s",
-            grace=self.grace,
-        )
+        if sessions:
+            _log.info(
+                "shutting down: telling {told} session{s}, waiting up to {grace:g} s for answers",
+                told=len(sessions),
+                s="" if len(sessions) == 1 else "s",
+                grace=self.grace,
+            )
         pushed = self.registry.metrics.pushed
         told = defer.DeferredList(
             [push(s.mind, "notifyShutdown", self.reason).addCallback(pushed) for s in sessions]
