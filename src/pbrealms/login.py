@@ -45,9 +45,9 @@ class _ConnectionGone(Exception):
     """
 
 
-def describePeer(address: object) -> str:
+def describeAddress(address: object) -> str:
     """
-    A client address as a person reads it: C{host:port}, C{[v6]:port}, C{unix}.
+    An address as a person reads it: C{host:port}, C{[v6]:port}, C{unix:path}.
     """
     if isinstance(address, IPv4Address):
         return f"{address.host}:{address.port}"
@@ -155,7 +155,7 @@ class _Login:
         self.root = root
         self.broker = broker
         self.username = username
-        self.peer = describePeer(broker.transport.getPeer())
+        self.peer = describeAddress(broker.transport.getPeer())
         self.metrics = root.registry.metrics
         self.started = root.registry.clock.seconds()
 

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.spread import pb
 
+from pbrealms.login import describeAddress
 from pbrealms.notify import notify
 from pbrealms.push import push
 from pbrealms.sessions import SessionRegistry
@@ -86,10 +87,9 @@ class Listener(service.Service):
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
-        address = port.getHost()
-        host = getattr(address, "host", None) or getattr(address, "name", address)
-        where = f"{host}:{address.port}" if hasattr(address, "port") else str(host)
-        _log.info("{label} listening on {where}", label=self.label, where=where)
+        _log.info(
+            "{label} listening on {where}", label=self.label, where=describeAddress(port.getHost())
+        )
 
     def stopService(self):
         super().stopService()
