@@ -21,6 +21,7 @@ from pbrealms.checkers import PasswordFile
 from pbrealms.client import Connection, connect
 from pbrealms.login import LoginRoot
 from pbrealms.realms import REALMS, ClockRealm, Realm
+from pbrealms.service import PBServerFactory
 from pbrealms.sessions import SessionRegistry
 from pbrealms.tap import wireSecurity
 
@@ -103,23 +104,22 @@ async def eventually(reactor, condition: Callable[[], bool], timeout: float = 5.
         waited += 0.01
 
 
-class RecordingFactory(pb.PBServerFactory):
+class RecordingFactory(PBServerFactory):
     """
-    A PB server factory that remembers its connections, so that a test can
-    close them all and wait until they are closed.
+    The server's factory, remembering every connection it made (open or
+    not), so that a test can close them all and wait until they are closed.
     """
 
     def __init__(self, root) -> None:
-        super().__init__(root, unsafeTracebacks=False, security=wireSecurity())
-        self.noisy = False
-        self.brokers: list[pb.Broker] = []
+        super().__init__(root, wireSecurity())
+        self.made: list[pb.Broker] = []
         self.closed: list[defer.Deferred] = []
 
     def buildProtocol(self, addr):
         broker = super().buildProtocol(addr)
         closed: defer.Deferred = defer.Deferred()
         broker.notifyOnDisconnect(lambda: closed.callback(None))
-        self.brokers.append(broker)
+        self.made.append(broker)
         self.closed.append(closed)
         return broker
 
@@ -154,7 +154,7 @@ class Served:
         """
         await eventually(
             self.harness.reactor,
-            lambda: all(b.disconnected or not b.transport.connected for b in self.factory.brokers),
+            lambda: all(b.disconnected or not b.transport.connected for b in self.factory.made),
         )
 
 
@@ -187,7 +187,7 @@ class Harness:
         for conn in self.connections:
             await conn.disconnect()
         for served in self.servers:
-            for broker in served.factory.brokers:
+            for broker in served.factory.made:
                 if not broker.disconnected:
                     broker.transport.abortConnection()
             await defer.gatherResults(served.factory.closed)

@@ -208,14 +208,17 @@ async def test_many_logins_on_one_connection_leave_nothing_behind(harness, react
     served = await harness.serve("tracking")
     factory = pb.PBClientFactory()
     reactor.connectTCP("127.0.0.1", served.port.getHost().port, factory)
+    await factory.getRootObject()
+    broker = served.factory.made[0]
+    notifiers = len(broker.disconnects)  # the factory's and the harness's own
     for _ in range(20):
         perspective = await factory.login(UsernamePassword(b"alice", b"wonderland"))
         await perspective.callRemote("greet")
+        assert len(broker.disconnects) == notifiers + 1
         del perspective
         await eventually(reactor, lambda: served.registry.countOf("alice") == 0)
-    broker = served.factory.brokers[0]
-    # One disconnect notifier is PB's own (the harness's); none per login.
-    assert len(broker.disconnects) == 1
+    # Nothing is left per login.
+    assert len(broker.disconnects) == notifiers
     assert not broker._localCleanup
     factory.disconnect()
 

@@ -108,7 +108,7 @@ async def test_dropping_the_avatar_reference_ends_the_session(harness, reactor):
     await served.settled()
     assert served.registry.countOf("alice") == 0
     # The closed sessions left nothing behind on the connection.
-    assert not served.factory.brokers[0]._localCleanup
+    assert not served.factory.made[0]._localCleanup
 
 
 @pytest_twisted.ensureDeferred

@@ -106,6 +106,10 @@ def dispatch(
         kw = broker.unserialize(kw, perspective)
     except jelly.InsecureJelly:
         raise BadArguments(f"{message}: arguments of a type this server refuses") from None
+    except Exception:
+        raise BadArguments(f"{message}: arguments that cannot be decoded") from None
+    if not isinstance(args, (list, tuple)) or not isinstance(kw, dict):
+        raise BadArguments(f"{message}: arguments that cannot be decoded")
     try:
         result = method(*args, **kw)
     except TypeError as e:

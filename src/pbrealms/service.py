@@ -20,19 +20,22 @@ from pbrealms.login import describeAddress
 from pbrealms.notify import notify
 from pbrealms.push import push
 from pbrealms.sessions import SessionRegistry
+from pbrealms.wire import LimitedBroker
 
 _log = Logger()
 
 
 class PBServerFactory(pb.PBServerFactory):
     """
-    PB's server factory, keeping the connections it made so that they can be
+    PB's server factory, with brokers that limit what clients may send
+    (L{LimitedBroker}), keeping the connections it made so that they can be
     counted and closed.
 
     @ivar brokers: the open connections.
     """
 
     noisy = False
+    protocol = LimitedBroker
 
     def __init__(self, root: pb.IPBRoot, security) -> None:
         super().__init__(root, unsafeTracebacks=False, security=security)

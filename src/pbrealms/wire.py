@@ -1,0 +1,156 @@
+"""
+Limits on what a client may send, enforced while decoding.
+
+Banana, PB's encoding, bounds one string or list length (640 KiB) but not a
+message: a client can grow the server's memory without end, nest lists deep
+enough to make the log of the resulting error enormous, and each decoding
+error is logged as a traceback.  L{LimitedBroker} decodes the same wire format
+with a cap on the bytes of one message and on its nesting depth, and answers
+any bad input by aborting the connection with one log line.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from twisted.logger import Logger
+from twisted.spread import pb
+
+#: The defaults: the most bytes one incoming message may have, and how deep
+#: its lists may nest.
+MAX_MESSAGE_BYTES = 1 << 20
+MAX_DEPTH = 64
+
+_LIST, _INT, _STRING, _NEG, _FLOAT, _LONGINT, _LONGNEG, _VOCAB = range(0x80, 0x88)
+
+_log = Logger()
+_NOTHING = object()
+
+
+class WireError(Exception):
+    """
+    A client sent something this server will not decode.
+    """
+
+
+class LimitedBroker(pb.Broker):
+    """
+    A PB broker whose decoder refuses a message larger than C{maxMessageBytes}
+    or nested deeper than C{maxDepth}, before building anything from it.
+
+    It reads from a buffer by position, so a large message costs linear time
+    (Banana copies the rest of its buffer for every item).
+    """
+
+    maxMessageBytes = MAX_MESSAGE_BYTES
+    maxDepth = MAX_DEPTH
+
+    _refused = False
+
+    def connectionMade(self) -> None:
+        self._pending = bytearray()
+        self._messageBytes = 0
+        super().connectionMade()
+
+    def dataReceived(self, chunk: bytes) -> None:
+        if self._refused:
+            return
+        pending = self._pending
+        pending += chunk
+        try:
+            used = self._decode(pending)
+        except WireError as e:
+            self.refuse(str(e))
+            return
+        except Exception as e:
+            # What Banana or PB raise about a malformed message.
+            self.refuse(f"malformed message ({type(e).__name__}: {str(e)[:80]})")
+            return
+        del pending[:used]
+
+    def refuse(self, reason: str) -> None:
+        """
+        Abort the connection, logging why in one line.
+        """
+        self._refused = True
+        peer = self.transport.getPeer()
+        where = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
+        _log.info("closed the connection from {peer}: {reason}", peer=where, reason=reason)
+        self.transport.abortConnection()
+
+    def _decode(self, buf: bytearray) -> int:
+        """
+        Decode every whole item in C{buf}, passing each to L{gotItem}.
+
+        @return: how many bytes were used.
+        """
+        listStack = self.listStack
+        prefixLimit = self.prefixLimit
+        end = len(buf)
+        pos = 0
+        while pos < end and not self._refused:
+            start = pos
+            scan = pos
+            stop = min(end, pos + prefixLimit + 1)
+            while scan < stop and buf[scan] < 0x80:
+                scan += 1
+            if scan - pos > prefixLimit:
+                raise WireError(f"a number longer than {prefixLimit} bytes")
+            if scan == end:
+                break  # the type byte has not arrived yet
+            num = 0
+            for shift, digit in enumerate(buf[pos:scan]):
+                num |= digit << (7 * shift)
+            kind = buf[scan]
+            pos = scan + 1
+            item: object = _NOTHING
+            if kind == _STRING:
+                if num > self.sizeLimit:
+                    raise WireError(f"a string of {num} bytes")
+                self._admit(pos - start + num)
+                if end - pos < num:
+                    pos = start  # wait for the rest of the string
+                    break
+                item = bytes(buf[pos : pos + num])
+                pos += num
+            elif kind == _FLOAT:
+                self._admit(pos - start + 8)
+                if end - pos < 8:
+                    pos = start
+                    break
+                (item,) = struct.unpack("!d", buf[pos : pos + 8])
+                pos += 8
+            elif kind == _LIST:
+                if num > self.sizeLimit:
+                    raise WireError(f"a list of {num} items")
+                if len(listStack) >= self.maxDepth:
+                    raise WireError(f"a message nested deeper than {self.maxDepth} lists")
+                self._admit(pos - start)
+                listStack.append((num, []))
+            elif kind in (_INT, _LONGINT, _NEG, _LONGNEG):
+                self._admit(pos - start)
+                item = -num if kind in (_NEG, _LONGNEG) else num
+            elif kind == _VOCAB:
+                self._admit(pos - start)
+                if self.currentDialect != b"pb" or num not in self.incomingVocabulary:
+                    raise WireError(f"unknown vocabulary word {num}")
+                item = self.incomingVocabulary[num]
+            else:
+                raise WireError(f"unknown type byte {kind:#04x}")
+            self._messageBytes += pos - start
+            if item is not _NOTHING:
+                self.gotItem(item)
+            while listStack and len(listStack[-1][1]) == listStack[-1][0]:
+                self.gotItem(listStack.pop()[1])
+            if not listStack:
+                self._messageBytes = 0
+        return pos
+
+    def _admit(self, size: int) -> None:
+        """
+        Refuse an item of C{size} bytes if the message would grow too large,
+        even before all of the item has arrived.
+        """
+        if self._messageBytes + size > self.maxMessageBytes:
+            raise WireError(f"a message larger than {self.maxMessageBytes} bytes")
+
