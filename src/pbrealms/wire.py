@@ -153,4 +153,3 @@ class LimitedBroker(pb.Broker):
         """
         if self._messageBytes + size > self.maxMessageBytes:
             raise WireError(f"a message larger than {self.maxMessageBytes} bytes")
-
