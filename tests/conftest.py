@@ -7,6 +7,7 @@ serves pbrealms on a loopback port and logs clients in over real TCP.
 from __future__ import annotations
 
 import gc
+import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,16 @@ def log():
 
         errors = [formatEvent(e) for e in captured.errors()]
         assert not errors, f"errors were logged: {errors}"
+
+
+@pytest.fixture(autouse=True)
+def no_pbrealms_environment(monkeypatch):
+    """
+    Options read PBREALMS_* settings: the shell running the tests must not
+    change what they see.
+    """
+    for name in [n for n in os.environ if n.startswith("PBREALMS_")]:
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture(autouse=True)

@@ -108,7 +108,7 @@ def test_invalid_periods_are_refused_and_change_nothing(clock, bad):
     with pytest.raises(InvalidPeriod) as refused:
         avatar.perspective_setperiod(bad)
     assert isinstance(refused.value, pb.Error)
-    assert avatar.clock.period == 1.0
+    assert avatar.ticker.period == 1.0
     clock.advance(1.0)
     assert mind.times() == [0.0, 1.0]
     session.close()
@@ -146,7 +146,7 @@ def test_a_slow_client_gets_no_second_push_until_it_answers(clock):
     clock.advance(0)
     clock.pump([1.0] * 5)
     assert len(mind.pushes) == 1  # the rest were skipped, not queued
-    assert avatar.clock.skipped == 5
+    assert avatar.ticker.skipped == 5
     mind.unanswered.pop().callback(None)
     clock.advance(1.0)
     assert len(mind.pushes) == 2
@@ -189,3 +189,25 @@ def test_periodic_push_stop_is_idempotent(clock):
     ticker.stop()
     ticker.stop()
     assert clock.getDelayedCalls() == []
+
+
+class RefusingMind(FakeMind):
+    """
+    A client object that answers every push with an error.
+    """
+
+    def callRemote(self, method, *args):
+        self.pushes.append((method, args))
+        return defer.fail(pb.Error(f"no {method} here"))
+
+
+def test_a_client_that_answers_with_errors_is_logged_once(clock, log):
+    mind = RefusingMind()
+    session, _avatar = login(clock, mind, period=0.05)
+    clock.advance(0)
+    clock.pump([0.05] * 40)
+    assert len(mind.times()) == 41  # every tick still pushes
+    warnings = [m for m in log.messages() if "answered notifyTime with an error" in m]
+    assert len(warnings) == 1
+    assert "no notifyTime here" in warnings[0]
+    session.close()

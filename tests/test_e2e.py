@@ -28,7 +28,7 @@ STOP_TIMEOUT = 10.0
 
 
 def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "PBREALMS_PASSWORD"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PBREALMS_")}
     env.update(extra)
     return env
 
@@ -319,7 +319,7 @@ def test_bad_option_exits_with_one_line(tmp_path):
         cwd=tmp_path,
         env=environment(),
     )  # fmt: skip
-    assert result.returncode != 0
+    assert result.returncode == 2
     line = oneLine(result.stderr)
     assert "'nope'" in line
     assert "realm" in line

@@ -243,6 +243,17 @@ def test_passwd_private_no_warning(capsys, tmp_path, log):
 # --auth
 
 
+def test_an_empty_passwd_is_refused(capsys):
+    line = refused(capsys, "--passwd=", "--port", LOOPBACK)
+    assert "--passwd needs the name of a password file" in line
+
+
+def test_auth_file_refuses_passwords_twisted_would_cut(capsys, tmp_path):
+    path = writePasswd(tmp_path / "users", "alice:wonder:land\n")
+    line = refused(capsys, "--auth", f"file:{path}")
+    assert "'alice'" in line and "--passwd" in line
+
+
 def test_passwd_and_auth_together(capsys, tmp_path):
     path = writePasswd(tmp_path / "users", "alice:wonderland\n")
     line = refused(capsys, "--passwd", str(path), "--auth", f"file:{path}")

@@ -16,6 +16,7 @@ from pbrealms.errors import (
     MindRequired,
     TooManyConnections,
     UnknownMethod,
+    localize,
 )
 
 
@@ -44,8 +45,40 @@ async def test_cache_serves_one_avatar_per_user(harness):
     served = await harness.serve("cache")
     await served.login("alice")
     await served.login("alice")
-    avatars = {id(served.realm.avatarFor("alice", None)) for _ in range(3)}
-    assert len(avatars) == 1
+    await served.login("bob")
+    assert sorted(served.realm._avatars) == ["alice", "bob"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_challenge_takes_one_answer(harness, reactor):
+    served = await harness.serve("tracking")
+    factory = pb.PBClientFactory()
+    reactor.connectTCP("127.0.0.1", served.port.getHost().port, factory)
+    root = await factory.getRootObject()
+    challenge, challenger = await root.callRemote("login", b"alice")
+    response = pb.respond(challenge, b"wonderland")
+    first = await challenger.callRemote("respond", response, None)
+    assert await first.callRemote("greet") == "<1>hello alice"
+    with pytest.raises(BadCredentials):
+        await challenger.callRemote("respond", response, None).addErrback(localize)
+    assert served.registry.countOf("alice") == 1
+    factory.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_login_that_wants_no_answer_logs_no_traceback(harness, reactor, log):
+    served = await harness.serve("cache")
+    factory = pb.PBClientFactory()
+    reactor.connectTCP("127.0.0.1", served.port.getHost().port, factory)
+    root = await factory.getRootObject()
+    challenge, challenger = await root.callRemote("login", b"alice")
+    challenger.callRemote("respond", pb.respond(challenge, b"wrong"), None, pbanswer=False)
+    await eventually(reactor, lambda: any("login refused" in m for m in log.messages()))
+    import gc
+
+    gc.collect()  # an unhandled failure would be logged now
+    assert not log.errors()
+    factory.disconnect()
 
 
 @pytest_twisted.ensureDeferred

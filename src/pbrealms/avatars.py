@@ -84,9 +84,9 @@ class ClockAvatar(SessionAvatar):
     mind at once and then once per period.
     """
 
-    def __init__(self, realm: Realm, greeter: Greeter, clock: PeriodicPush) -> None:
+    def __init__(self, realm: Realm, greeter: Greeter, ticker: PeriodicPush) -> None:
         super().__init__(realm, greeter)
-        self.clock = clock
+        self.ticker = ticker
 
     def perspective_setperiod(self, seconds: float) -> float:
         """
@@ -96,11 +96,11 @@ class ClockAvatar(SessionAvatar):
         @raise InvalidPeriod: if C{seconds} is out of range; the period stays.
         """
         period = validatePeriod(seconds)
-        self.clock.setPeriod(period)
+        self.ticker.setPeriod(period)
         return period
 
     def perspective_status(self) -> dict[str, Any]:
-        return {**super().perspective_status(), "period": self.clock.period}
+        return {**super().perspective_status(), "period": self.ticker.period}
 
     def logout(self) -> None:
-        self.clock.stop()
+        self.ticker.stop()

@@ -51,6 +51,15 @@ class MindRequired(LoginRefused):
         )
 
 
+class ShuttingDown(LoginRefused):
+    """
+    The server is shutting down and admits no new session.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down")
+
+
 class LoginFailed(pb.Error):
     """
     The login failed for a reason that is the server's fault; the server logged
@@ -127,6 +136,7 @@ _WIRE_ERRORS: tuple[type[pb.Error], ...] = (
     BadCredentials,
     TooManyConnections,
     MindRequired,
+    ShuttingDown,
     LoginRefused,
     LoginFailed,
     InvalidPeriod,

@@ -77,7 +77,7 @@ class _RemoteObject(pb.Referenceable):
     """
 
     def remoteMessageReceived(self, broker, message, args, kw):
-        return dispatch(broker, self, "remote_", message, args, kw, self.perspective)
+        return dispatch(broker, self, "remote_", message, args, kw)
 
 
 @implementer(pb.IPBRoot)
@@ -131,14 +131,18 @@ class _Challenger(_RemoteObject):
         self.username = username
         self.challenge = challenge
         self.response = b""
+        self.used = False
 
     def checkPassword(self, password: bytes) -> bool:
         expected = md5(md5(password).digest() + self.challenge).digest()
         return hmac.compare_digest(expected, self.response)
 
     def remote_respond(self, response: bytes, mind: object) -> defer.Deferred:
-        if not isinstance(response, bytes):
+        # One answer per challenge: more would be free guesses, or several
+        # sessions from one login.
+        if self.used or not isinstance(response, bytes):
             raise BadCredentials()
+        self.used = True
         self.response = response
         # Anything but a reference to a client object is no mind at all.
         if not isinstance(mind, pb.RemoteReference):

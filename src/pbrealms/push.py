@@ -6,6 +6,7 @@ periodic push.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 
 from twisted.internet import defer
@@ -32,7 +33,10 @@ def validatePeriod(value: object) -> float:
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidPeriod(f"period must be a number of seconds, not {type(value).__name__}")
-    period = float(value)
+    try:
+        period = float(value)
+    except OverflowError:
+        period = math.inf
     if not math.isfinite(period) or not MIN_PERIOD <= period <= MAX_PERIOD:
         raise InvalidPeriod(
             f"period must be from {MIN_PERIOD:g} to {MAX_PERIOD:g} seconds, not {value!r}"
@@ -40,24 +44,34 @@ def validatePeriod(value: object) -> float:
     return period
 
 
-def push(mind: pb.RemoteReference, method: str, *args: object) -> defer.Deferred[bool]:
+def push(
+    mind: pb.RemoteReference, method: str, *args: object, quiet: bool = False
+) -> defer.Deferred[bool]:
     """
     Call C{method} on a client's mind.
 
+    @param quiet: log nothing when the client answers with an error.
     @return: a L{Deferred} that fires with C{True} once the client answered,
         C{False} if the client is gone or answered with an error; it never
         fails, and nothing is raised synchronously.  A client that has gone
-        needs no log line: its session ends through the disconnect.
+        needs no log line: its session ends through the disconnect.  A client
+        that answers with an error is logged once, not on every push.
     """
     d = defer.maybeDeferred(mind.callRemote, method, *args)
-    d.addCallbacks(lambda _: True, _pushFailed, errbackArgs=(method,))
+    d.addCallbacks(lambda _: True, _pushFailed, errbackArgs=(mind, method, quiet))
     return d
 
 
-def _pushFailed(reason, method: str) -> bool:
-    if not reason.check(pb.DeadReferenceError, pb.PBConnectionLost, defer.CancelledError):
+# The minds whose errors were logged already.
+_complained: weakref.WeakSet = weakref.WeakSet()
+
+
+def _pushFailed(reason, mind: object, method: str, quiet: bool) -> bool:
+    gone = reason.check(pb.DeadReferenceError, pb.PBConnectionLost, defer.CancelledError)
+    if not (gone or quiet or mind in _complained):
+        _complained.add(mind)
         _log.warn(
-            "client answered {method} with an error: {error}",
+            "client answered {method} with an error, and is not logged again: {error}",
             method=method,
             error=reason.getErrorMessage(),
         )

@@ -71,27 +71,46 @@ class Listener(service.Service):
         self.label = label
         self.port: IListeningPort | None = None
 
+    _listening: defer.Deferred | None = None
+
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         self._listen()
 
     def startService(self) -> None:
         super().startService()
-        if self.port is None:
+        if self._listening is None:
             self._listen()
 
     def _listen(self) -> None:
-        failed = []
-        self.endpoint.listen(self.factory).addCallbacks(self._listening, failed.append)
+        failed: list = []
+        self._listening = self.endpoint.listen(self.factory)
+        self._listening.addCallbacks(self._listened, failed.append)
         if failed:
             raise SystemExit(
                 f"{self.label}: cannot listen on {self.description}: {failed[0].getErrorMessage()}"
             )
+        # An endpoint that listens later and fails is logged in one line.
+        self._listening.addErrback(self._failed)
 
-    def _listening(self, port: IListeningPort) -> None:
+    def _listened(self, port: IListeningPort) -> None:
         self.port = port
-        _log.info(
-            "{label} listening on {where}", label=self.label, where=describeAddress(port.getHost())
+        from twisted.internet import reactor
+
+        # Said once the reactor runs, when a signal can stop the server cleanly.
+        reactor.callWhenRunning(
+            _log.info,
+            "{label} listening on {where}",
+            label=self.label,
+            where=describeAddress(port.getHost()),
+        )
+
+    def _failed(self, reason) -> None:
+        _log.error(
+            "{label}: cannot listen on {where}: {error}",
+            label=self.label,
+            where=self.description,
+            error=reason.getErrorMessage(),
         )
 
     def stopService(self):
@@ -126,6 +145,7 @@ class GracefulShutdown(service.Service):
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
+        self.registry.closing = True
         sessions = [s for s in self.registry if s.mind is not None]
         if sessions:
             _log.info(
@@ -135,8 +155,12 @@ class GracefulShutdown(service.Service):
                 grace=self.grace,
             )
         pushed = self.registry.metrics.pushed
+        # Best effort: a client object need not know notifyShutdown.
         told = defer.DeferredList(
-            [push(s.mind, "notifyShutdown", self.reason).addCallback(pushed) for s in sessions]
+            [
+                push(s.mind, "notifyShutdown", self.reason, quiet=True).addCallback(pushed)
+                for s in sessions
+            ]
         )
         told.addTimeout(self.grace, self.clock)
         told.addErrback(lambda f: f.trap(defer.TimeoutError))
@@ -177,7 +201,14 @@ class PBRealmsService(service.MultiService):
         return listener.port is not None and not self.stopping
 
     def startService(self) -> None:
+        from twisted.internet import reactor
+
         super().startService()
+        # Ready once the reactor runs: before, twistd has no SIGTERM handler
+        # yet, and a stop would kill the process instead of shutting it down.
+        reactor.callWhenRunning(self._ready)
+
+    def _ready(self) -> None:
         if self.listening:
             notify("READY=1")
 
@@ -187,4 +218,7 @@ class PBRealmsService(service.MultiService):
         notify("STOPPING=1")
         service.Service.stopService(self)
         for child in reversed(list(self)):
-            yield child.stopService()
+            try:
+                yield child.stopService()
+            except Exception:
+                _log.failure("error while stopping {name}", name=child.name)

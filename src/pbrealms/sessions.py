@@ -15,7 +15,7 @@ from itertools import count
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from pbrealms.errors import TooManyConnections
+from pbrealms.errors import ShuttingDown, TooManyConnections
 from pbrealms.metrics import ServerMetrics
 
 
@@ -99,6 +99,7 @@ class SessionRegistry:
     @ivar maxPerUser: the most sessions one user may have open, or L{None}
         for no limit.
     @ivar metrics: where session counts and durations go.
+    @ivar closing: set when the server shuts down: no session is admitted.
     """
 
     _log = Logger()
@@ -114,6 +115,7 @@ class SessionRegistry:
         self.realm = realm
         self.maxPerUser = maxPerUser
         self.metrics = metrics or ServerMetrics()
+        self.closing = False
         self.metrics.countSessions(realm, self.__len__)
         self._byUser: dict[str, dict[int, Session]] = {}
         self._ids = count(1)
@@ -123,11 +125,12 @@ class SessionRegistry:
         Admit a new session of C{user}.
 
         @raise TooManyConnections: if C{user} has C{maxPerUser} open sessions.
+        @raise ShuttingDown: once L{closing} is set.
         """
+        if self.closing:
+            raise ShuttingDown()
         sessions = self._byUser.setdefault(user, {})
         if self.maxPerUser is not None and len(sessions) >= self.maxPerUser:
-            if not sessions:
-                del self._byUser[user]
             raise TooManyConnections(self.maxPerUser)
         session = Session(self, next(self._ids), user, peer, self.clock.seconds(), mind)
         sessions[session.id] = session

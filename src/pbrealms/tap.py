@@ -192,14 +192,27 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if not usable:
             raise usage.UsageError(f"--auth {kind}: cannot answer PB's challenge; see --help-auth")
         if kind == "file":
-            # strcred only warns about a missing file, and every login would fail.
-            path = description.partition(":")[2]
-            try:
-                checkPermissions(path)
-                parsePasswords(path)
-            except PasswordFileError as e:
-                raise usage.UsageError(f"--auth {e}") from None
+            self._checkAuthFile(description.partition(":")[2])
         super().opt_auth(description)
+
+    @staticmethod
+    def _checkAuthFile(path: str) -> None:
+        # strcred only warns about a missing file, and every login would fail.
+        try:
+            warning = checkPermissions(path)
+            users = parsePasswords(path)
+        except PasswordFileError as e:
+            raise usage.UsageError(f"--auth {e}") from None
+        if warning:
+            _log.warn("{warning}", warning=warning)
+        # Twisted's file checker ends a password at the next colon, where
+        # --passwd keeps it whole: refuse what the two would read apart.
+        for name, password in users.items():
+            if b":" in password:
+                raise usage.UsageError(
+                    f"--auth file:{path}: the password of {name.decode()!r} has a ':', "
+                    "which Twisted's file checker cuts off; use --passwd for this file"
+                )
 
     opt_a = opt_auth
 
@@ -283,6 +296,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def _checker(self) -> tuple[ICredentialsChecker, bool]:
         checkers = self.get("credCheckers", [])
+        if self["passwd"] == "":
+            raise usage.UsageError("--passwd needs the name of a password file")
         if self["passwd"] and checkers:
             raise usage.UsageError("give --passwd or --auth, not both")
         if len(checkers) > 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.spread import pb
 
@@ -31,6 +32,21 @@ class WireError(Exception):
     """
     A client sent something this server will not decode.
     """
+
+
+class _Unanswered:
+    """
+    A local object called by a client that wants no answer.
+    """
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def remoteMessageReceived(self, broker, message, args, kw):
+        result = self.target.remoteMessageReceived(broker, message, args, kw)
+        if isinstance(result, defer.Deferred):
+            result.addErrback(lambda _: None)
+        return result
 
 
 class LimitedBroker(pb.Broker):
@@ -67,6 +83,17 @@ class LimitedBroker(pb.Broker):
             self.refuse(f"malformed message ({type(e).__name__}: {str(e)[:80]})")
             return
         del pending[:used]
+
+    def proto_message(self, requestID, objectID, message, answerRequired, netArgs, netKw):
+        # A call that wants no answer (pbanswer=False) and fails would end as
+        # an "Unhandled error in Deferred" traceback: its failure has been
+        # dealt with (a refused login is logged), so let it go.
+        find = self.localObjectForID if answerRequired else self._unanswered
+        self._recvMessage(find, requestID, objectID, message, answerRequired, netArgs, netKw)
+
+    def _unanswered(self, objectID):
+        target = self.localObjectForID(objectID)
+        return None if target is None else _Unanswered(target)
 
     def refuse(self, reason: str) -> None:
         """
