@@ -128,6 +128,8 @@ class RecordingFactory(PBServerFactory):
 
     def buildProtocol(self, addr):
         broker = super().buildProtocol(addr)
+        if broker is None:
+            return None  # refused
         closed: defer.Deferred = defer.Deferred()
         broker.notifyOnDisconnect(lambda: closed.callback(None))
         self.made.append(broker)

@@ -34,6 +34,7 @@ from pbrealms.errors import (
     TooManyConnections,
     dispatch,
 )
+from pbrealms.guard import SourcePenalties
 from pbrealms.sessions import Session, SessionRegistry
 
 _log = Logger()
@@ -88,14 +89,29 @@ class LoginRoot:
 
     Give it to L{pb.PBServerFactory} in place of a portal.  A client logs in
     with L{pb.PBClientFactory.login}, as it would to a portal.
+
+    @ivar maxAuthTries: how many failed logins a connection may have before
+        it is closed; L{None} for no limit.
+    @ivar loginTimeout: seconds a connection may take to log in before it is
+        closed; L{None} for no limit.
+    @ivar penalties: where failed logins count against their source address.
     """
 
     def __init__(
-        self, checker: ICredentialsChecker, realm: IRealm, registry: SessionRegistry
+        self,
+        checker: ICredentialsChecker,
+        realm: IRealm,
+        registry: SessionRegistry,
+        maxAuthTries: int | None = None,
+        loginTimeout: float | None = None,
+        penalties: SourcePenalties | None = None,
     ) -> None:
         self.checker = checker
         self.realm = realm
         self.registry = registry
+        self.maxAuthTries = maxAuthTries
+        self.loginTimeout = loginTimeout
+        self.penalties = penalties
 
     def rootObject(self, broker: pb.Broker) -> pb.Referenceable:
         return _LoginGate(self, broker)
@@ -103,12 +119,61 @@ class LoginRoot:
 
 class _LoginGate(_RemoteObject):
     """
-    The object a client gets as its root: it hands out challenges.
+    The object a client gets as its root: it hands out challenges, and keeps
+    the connection's failed logins and its time to log in.
     """
 
     def __init__(self, root: LoginRoot, broker: pb.Broker) -> None:
         self.root = root
         self.broker = broker
+        self.failures = 0
+        self.loggedIn = False
+        self._timeout = None
+        if root.loginTimeout is not None:
+            self._timeout = root.registry.clock.callLater(root.loginTimeout, self._timedOut)
+            broker.notifyOnDisconnect(self._stopTimer)
+
+    @property
+    def peer(self) -> str:
+        return describeAddress(self.broker.transport.getPeer())
+
+    def succeeded(self) -> None:
+        self.loggedIn = True
+        self._stopTimer()
+
+    def failed(self) -> None:
+        """
+        Count a failed login: against the source, and against the connection,
+        which is closed once it has had its tries.
+        """
+        self.failures += 1
+        penalties = self.root.penalties
+        if penalties is not None:
+            penalties.failed(getattr(self.broker.transport.getPeer(), "host", ""))
+        limit = self.root.maxAuthTries
+        if limit is not None and self.failures >= limit and not self.broker.disconnected:
+            _log.info(
+                "closing the connection from {peer}: {count} failed logins",
+                peer=self.peer,
+                count=self.failures,
+            )
+            # After the refusal has been written.
+            self.root.registry.clock.callLater(0, self.broker.transport.loseConnection)
+
+    def _timedOut(self) -> None:
+        self._timeout = None
+        if not self.loggedIn and not self.broker.disconnected:
+            _log.info(
+                "closing the connection from {peer}: no login within {seconds:g} s",
+                peer=self.peer,
+                seconds=self.root.loginTimeout,
+            )
+            self.broker.transport.abortConnection()
+
+    def _stopTimer(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
 
     def remote_login(self, username: bytes) -> tuple[bytes, _Challenger]:
         if isinstance(username, str):
@@ -147,7 +212,7 @@ class _Challenger(_RemoteObject):
         # Anything but a reference to a client object is no mind at all.
         if not isinstance(mind, pb.RemoteReference):
             mind = None
-        return _Login(self.gate.root, self.gate.broker, self.username).run(self, mind)
+        return _Login(self.gate, self.username).run(self, mind)
 
 
 class _Login:
@@ -155,13 +220,14 @@ class _Login:
     The steps of one login after the client responded.
     """
 
-    def __init__(self, root: LoginRoot, broker: pb.Broker, username: bytes) -> None:
-        self.root = root
-        self.broker = broker
+    def __init__(self, gate: _LoginGate, username: bytes) -> None:
+        self.gate = gate
+        self.root = gate.root
+        self.broker = broker = gate.broker
         self.username = username
         self.peer = describeAddress(broker.transport.getPeer())
-        self.metrics = root.registry.metrics
-        self.started = root.registry.clock.seconds()
+        self.metrics = self.root.registry.metrics
+        self.started = self.root.registry.clock.seconds()
 
     def run(self, credentials: _Challenger, mind: object) -> defer.Deferred:
         d = defer.maybeDeferred(self.root.checker.requestAvatarId, credentials)
@@ -209,12 +275,16 @@ class _Login:
         broker.notifyOnDisconnect(disconnected)
         session.onClose(forget)
         self.root.registry.activate(session)
+        self.gate.succeeded()
         self.metrics.logins.labels("ok").inc()
         self.metrics.loginLatency.observe(self.root.registry.clock.seconds() - self.started)
         return reference
 
     def _refused(self, reason: Failure) -> Failure | None:
-        self.metrics.logins.labels(_outcome(reason, self.broker)).inc()
+        outcome = _outcome(reason, self.broker)
+        self.metrics.logins.labels(outcome).inc()
+        if outcome == "bad_credentials":
+            self.gate.failed()
         user = _printable(self.username)
         realm = self.root.registry.realm
         if reason.check(_ConnectionGone):

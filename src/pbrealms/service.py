@@ -29,7 +29,7 @@ class PBServerFactory(pb.PBServerFactory):
     """
     PB's server factory, with brokers that limit what clients may send
     (L{LimitedBroker}), keeping the connections it made so that they can be
-    counted and closed.
+    counted and closed, and refusing connections from penalised sources.
 
     @ivar brokers: the open connections.
     """
@@ -41,7 +41,10 @@ class PBServerFactory(pb.PBServerFactory):
         super().__init__(root, unsafeTracebacks=False, security=security)
         self.brokers: set[pb.Broker] = set()
 
-    def buildProtocol(self, addr) -> pb.Broker:
+    def buildProtocol(self, addr) -> pb.Broker | None:
+        penalties = getattr(self.root, "penalties", None)
+        if penalties is not None and penalties.penalty(getattr(addr, "host", "")):
+            return None  # closed as it is accepted
         broker = super().buildProtocol(addr)
         self.brokers.add(broker)
         broker.notifyOnDisconnect(lambda: self.brokers.discard(broker))

@@ -25,6 +25,7 @@ from twisted.spread import jelly, pb
 
 from pbrealms.checkers import PasswordFile, PasswordFileError, checkPermissions, parsePasswords
 from pbrealms.errors import InvalidPeriod
+from pbrealms.guard import SourcePenalties, parseNetworks
 from pbrealms.login import LoginRoot
 from pbrealms.metrics import ServerMetrics, metricsSite
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
@@ -136,6 +137,26 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "after being told of the shutdown, before their connections are closed.",
         ],
         [
+            "max-auth-tries",
+            None,
+            "6",
+            "Failed logins a connection may have before it is closed.",
+        ],
+        [
+            "login-timeout",
+            None,
+            "30",
+            "Seconds a connection may take to log in before it is closed.",
+        ],
+        [
+            "penalty-exempt",
+            None,
+            "",
+            "Addresses and networks whose failed logins are never penalised, comma-"
+            "separated (e.g. 10.0.0.0/8,::1). Others are refused for a while after "
+            "repeated failures. [default: none]",
+        ],
+        [
             "metrics",
             None,
             None,
@@ -225,6 +246,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["checker"], self["demo"] = self._checker()
         self["endpoint"] = self._endpoint(self["port"], "--port")
         self["shutdown-grace"] = self._grace(self["shutdown-grace"])
+        self["max-auth-tries"] = self._positive("max-auth-tries", self["max-auth-tries"], int)
+        self["login-timeout"] = self._positive("login-timeout", self["login-timeout"], float)
+        try:
+            self["penalty-exempt"] = parseNetworks(self["penalty-exempt"])
+        except ValueError as e:
+            raise usage.UsageError(f"--penalty-exempt: {e}") from None
         if self["metrics"] is not None:
             self["metrics-endpoint"] = self._endpoint(self["metrics"], "--metrics")
         if self["demo"] and not isLocalOnly(self["endpoint"]):
@@ -232,6 +259,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 f"refusing to serve the demo users on {self['port']!r}, which is not "
                 "loopback-only: give --passwd FILE or --auth, or listen on 127.0.0.1"
             )
+
+    @staticmethod
+    def _positive(option: str, value: str, kind: type) -> float:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = math.nan
+        if not 0 < number <= 10**6:
+            raise usage.UsageError(f"--{option} must be a number above 0, not {value!r}")
+        return number
 
     @staticmethod
     def _grace(value: str) -> float:
@@ -341,7 +378,16 @@ def makeService(options: Options) -> PBRealmsService:
     else:
         realm = REALMS[name](registry, reactor)
     checker = options["checker"]
-    factory = PBServerFactory(LoginRoot(checker, realm, registry), wireSecurity())
+    penalties = SourcePenalties(reactor, exempt=options["penalty-exempt"])
+    root = LoginRoot(
+        checker,
+        realm,
+        registry,
+        maxAuthTries=options["max-auth-tries"],
+        loginTimeout=options["login-timeout"],
+        penalties=penalties,
+    )
+    factory = PBServerFactory(root, wireSecurity())
     metrics.countConnections(lambda: len(factory.brokers))
 
     server = PBRealmsService()

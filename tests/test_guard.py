@@ -1,0 +1,209 @@
+"""
+Brute force: failed logins close their connection after a few tries, and
+penalise their source address, which is refused for a while.
+"""
+
+import ipaddress
+import re
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from conftest import eventually
+from twisted.cred.credentials import UsernamePassword
+from twisted.internet import defer, protocol, task
+from twisted.spread import pb
+
+from pbrealms.errors import BadCredentials, TooManyConnections, localize
+from pbrealms.guard import SourcePenalties, parseNetworks
+from pbrealms.login import LoginRoot
+from pbrealms.realms import TrackingRealm
+from pbrealms.sessions import SessionRegistry
+
+
+def test_a_source_is_refused_once_its_penalty_reaches_the_threshold():
+    clock = task.Clock()
+    penalties = SourcePenalties(clock, perFailure=5, threshold=15, maximum=60)
+    for _ in range(2):
+        penalties.failed("192.0.2.1")
+    assert penalties.penalty("192.0.2.1") == 0  # 10 s: not yet
+    penalties.failed("192.0.2.1")
+    assert penalties.penalty("192.0.2.1") == 15
+    assert penalties.penalty("192.0.2.2") == 0  # another source
+    clock.advance(14)
+    assert penalties.penalty("192.0.2.1") == 1
+    clock.advance(1)
+    assert penalties.penalty("192.0.2.1") == 0  # drained: allowed again
+    penalties.failed("192.0.2.1")
+    assert penalties.penalty("192.0.2.1") == 0  # and starting from nothing
+
+
+def test_failures_spread_out_in_time_never_add_up():
+    clock = task.Clock()
+    penalties = SourcePenalties(clock, perFailure=5, threshold=15)
+    for _ in range(100):
+        penalties.failed("192.0.2.1")
+        clock.advance(6)
+    assert penalties.penalty("192.0.2.1") == 0
+
+
+def test_the_penalty_has_a_maximum():
+    clock = task.Clock()
+    penalties = SourcePenalties(clock, perFailure=5, threshold=15, maximum=60)
+    for _ in range(1000):
+        penalties.failed("2001:db8::1")
+    assert penalties.penalty("2001:db8::1") == 60
+
+
+def test_exempt_networks_and_unix_sockets_are_never_penalised():
+    clock = task.Clock()
+    penalties = SourcePenalties(
+        clock, perFailure=5, threshold=5, exempt=parseNetworks("10.0.0.0/8, ::1")
+    )
+    for host in ("10.1.2.3", "::1", ""):
+        penalties.failed(host)
+        assert penalties.penalty(host) == 0
+    assert len(penalties) == 0
+
+
+def test_the_table_is_bounded():
+    clock = task.Clock()
+    penalties = SourcePenalties(clock, perFailure=5, threshold=5, capacity=100)
+    for n in range(1000):
+        penalties.failed(str(ipaddress.ip_address("198.51.100.0") + n % 256) + "")
+        penalties.failed(f"2001:db8::{n:x}")
+    assert len(penalties) == 100
+    assert penalties.penalty("2001:db8::3e7") > 0  # the newest are kept
+
+
+def test_bad_networks_are_named():
+    with pytest.raises(ValueError, match="'nope'"):
+        parseNetworks("10.0.0.0/8,nope")
+
+
+async def loginOn(factory, password: bytes):
+    return await factory.login(UsernamePassword(b"alice", password)).addErrback(localize)
+
+
+@pytest.fixture
+def guarded(harness):
+    clock = task.Clock()
+    penalties = SourcePenalties(clock, perFailure=5, threshold=15)
+
+    async def serve(**limits):
+        base = harness.makeRoot("tracking")
+        root = LoginRoot(base.checker, base.realm, base.registry, penalties=penalties, **limits)
+        return await harness.serve(root=root)
+
+    return serve, clock, penalties
+
+
+def connectFrom(reactor, served, source: str) -> pb.PBClientFactory:
+    factory = pb.PBClientFactory()
+    reactor.connectTCP("127.0.0.1", served.port.getHost().port, factory, bindAddress=(source, 0))
+    return factory
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_is_closed_after_its_tries(guarded, reactor, log):
+    serve, _, _ = guarded
+    served = await serve(maxAuthTries=3)
+    factory = connectFrom(reactor, served, "127.0.0.3")
+    for _ in range(3):
+        with pytest.raises(BadCredentials):
+            await loginOn(factory, b"guess")
+    await served.settled()
+    assert served.factory.made[0].disconnected
+    assert any("127.0.0.3" in m and "3 failed logins" in m for m in log.messages())
+    refusals = [m for m in log.messages() if m.startswith("login refused for 'alice' from")]
+    assert len(refusals) == 3
+    factory.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_penalised_source_is_refused_and_others_are_not(guarded, reactor, log):
+    serve, clock, penalties = guarded
+    served = await serve()
+    attacker = connectFrom(reactor, served, "127.0.0.4")
+    for _ in range(3):
+        with pytest.raises(BadCredentials):
+            await loginOn(attacker, b"guess")
+    assert penalties.penalty("127.0.0.4") == 15
+    attacker.disconnect()
+
+    # A new connection from the attacker is closed as it is accepted.
+    lost: defer.Deferred = defer.Deferred()
+
+    class Probe(protocol.Protocol):
+        def connectionLost(self, reason):
+            lost.callback(self.received)
+
+        received = b""
+
+        def dataReceived(self, data):
+            self.received += data
+
+    await protocol.ClientCreator(reactor, Probe).connectTCP(
+        "127.0.0.1", served.port.getHost().port, bindAddress=("127.0.0.4", 0)
+    )
+    assert await lost == b""  # not even PB's greeting
+
+    # Someone else is served meanwhile.
+    canary = connectFrom(reactor, served, "127.0.0.5")
+    perspective = await loginOn(canary, b"wonderland")
+    assert await perspective.callRemote("greet") == "<1>hello alice"
+    canary.disconnect()
+
+    # Once the penalty drains, the attacker may try again.
+    clock.advance(15)
+    again = connectFrom(reactor, served, "127.0.0.4")
+    perspective = await loginOn(again, b"wonderland")
+    assert await perspective.callRemote("greet") == "<2>hello alice"
+    again.disconnect()
+    await served.settled()
+    assert any("refusing connections from 127.0.0.4 for 15 s" in m for m in log.messages())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_that_does_not_log_in_in_time_is_closed(harness, reactor, log):
+    clock = task.Clock()
+    registry = SessionRegistry(clock, realm="tracking")
+    root = harness.makeRoot("tracking")
+    timed = LoginRoot(root.checker, TrackingRealm(registry, clock), registry, loginTimeout=30)
+    served = await harness.serve(root=timed)
+    idle = connectFrom(reactor, served, "127.0.0.6")
+    await idle.getRootObject()
+    busy = connectFrom(reactor, served, "127.0.0.7")
+    await loginOn(busy, b"wonderland")
+    clock.advance(29)
+    assert not served.factory.made[0].disconnected
+    clock.advance(1)
+    await eventually(reactor, lambda: served.factory.made[0].disconnected)
+    assert not served.factory.made[1].disconnected  # logged in: stays
+    assert any("no login within 30 s" in m for m in log.messages())
+    assert not clock.getDelayedCalls()
+    idle.disconnect()
+    busy.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_readme_fail2ban_filter_matches_failed_logins(harness, log):
+    """
+    The README's fail2ban filter, with fail2ban's <HOST> as a group, matches
+    the line a failed login logs, and no other refusal.
+    """
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    failregex = re.search(r"^failregex = (.*)$", readme, re.MULTILINE).group(1)
+    pattern = re.compile(failregex.replace("<HOST>", r"(?P<host>[0-9a-fA-F.:]+)"))
+
+    served = await harness.serve("limited", maxPerUser=1)
+    with pytest.raises(BadCredentials):
+        await served.login("alice", "guess")
+    await served.login("alice")
+    with pytest.raises(TooManyConnections):
+        await served.login("alice")
+    matched = [m for m in log.messages() if pattern.search(m)]
+    assert len(matched) == 1
+    assert pattern.search(matched[0]).group("host") == "127.0.0.1"
+    ipv6 = matched[0].replace("127.0.0.1:", "[2001:db8::1]:")
+    assert pattern.search(ipv6).group("host") == "2001:db8::1"
