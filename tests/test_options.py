@@ -243,6 +243,31 @@ def test_passwd_private_no_warning(capsys, tmp_path, log):
 # --auth
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--max-auth-tries", "0"], "--max-auth-tries must be a number above 0"),
+        (["--max-auth-tries", "2.5"], "--max-auth-tries"),
+        (["--login-timeout", "-1"], "--login-timeout must be a number above 0"),
+        (["--login-timeout", "soon"], "--login-timeout"),
+        (["--penalty-exempt", "10.0.0.0/8,nope"], "--penalty-exempt: 'nope'"),
+    ],
+)
+def test_guard_options_are_checked(capsys, args, words):
+    assert words in refused(capsys, *args, "--port", LOOPBACK)
+
+
+def test_guard_options_reach_the_login_root(capsys, tmp_path):
+    path = writePasswd(tmp_path / "users", "alice:wonderland\n")
+    options = parse(
+        capsys, "--passwd", str(path), "--port", LOOPBACK, "--max-auth-tries", "3",
+        "--login-timeout", "2.5", "--penalty-exempt", "10.0.0.0/8",
+    )  # fmt: skip
+    root = makeService(options).getServiceNamed("pb-listener").factory.root
+    assert (root.maxAuthTries, root.loginTimeout) == (3, 2.5)
+    assert root.penalties.isExempt("10.9.8.7") and not root.penalties.isExempt("11.0.0.1")
+
+
 def test_an_empty_passwd_is_refused(capsys):
     line = refused(capsys, "--passwd=", "--port", LOOPBACK)
     assert "--passwd needs the name of a password file" in line
