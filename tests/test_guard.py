@@ -4,6 +4,7 @@ penalise their source address, which is refused for a while.
 """
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 
@@ -207,3 +208,55 @@ async def test_the_readme_fail2ban_filter_matches_failed_logins(harness, log):
     assert pattern.search(matched[0]).group("host") == "127.0.0.1"
     ipv6 = matched[0].replace("127.0.0.1:", "[2001:db8::1]:")
     assert pattern.search(ipv6).group("host") == "2001:db8::1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_connections_cannot_starve_others(harness, reactor, log):
+    """
+    Slowloris: more stalled connections from one address than it may have
+    unauthenticated; a canary from another address still logs in, and once
+    the login timeout passes every stalled descriptor is closed.
+    """
+    clock = task.Clock()
+    registry = SessionRegistry(clock, realm="tracking")
+    base = harness.makeRoot("tracking")
+    root = LoginRoot(
+        base.checker,
+        TrackingRealm(registry, clock),
+        registry,
+        loginTimeout=30,
+        maxUnauthenticated=3,
+    )
+    served = await harness.serve(root=root)
+    baseline = len(os.listdir("/proc/self/fd"))
+
+    closed: list[defer.Deferred] = []
+
+    class Stall(protocol.Protocol):
+        def connectionMade(self):
+            self.lost = defer.Deferred()
+            closed.append(self.lost)
+
+        def connectionLost(self, reason):
+            self.lost.callback(None)
+
+    for _ in range(8):
+        await protocol.ClientCreator(reactor, Stall).connectTCP(
+            "127.0.0.1", served.port.getHost().port, bindAddress=("127.0.0.8", 0)
+        )
+    # Three are let in; the other five are closed as they are accepted.
+    await eventually(reactor, lambda: sum(d.called for d in closed) == 5)
+    assert len(served.factory.made) == 3
+    assert root.unauthenticated == {"127.0.0.8": 3}
+
+    canary = connectFrom(reactor, served, "127.0.0.9")
+    perspective = await loginOn(canary, b"wonderland")
+    assert await perspective.callRemote("greet") == "<1>hello alice"
+    assert root.unauthenticated == {"127.0.0.8": 3}  # the canary logged in
+
+    clock.advance(30)
+    await defer.gatherResults(closed)
+    assert root.unauthenticated == {}
+    canary.disconnect()
+    await served.settled()
+    await eventually(reactor, lambda: len(os.listdir("/proc/self/fd")) == baseline)

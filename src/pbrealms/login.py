@@ -95,6 +95,8 @@ class LoginRoot:
     @ivar loginTimeout: seconds a connection may take to log in before it is
         closed; L{None} for no limit.
     @ivar penalties: where failed logins count against their source address.
+    @ivar maxUnauthenticated: how many connections one source address may
+        have open that have not logged in; L{None} for no limit.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class LoginRoot:
         maxAuthTries: int | None = None,
         loginTimeout: float | None = None,
         penalties: SourcePenalties | None = None,
+        maxUnauthenticated: int | None = None,
     ) -> None:
         self.checker = checker
         self.realm = realm
@@ -112,9 +115,24 @@ class LoginRoot:
         self.maxAuthTries = maxAuthTries
         self.loginTimeout = loginTimeout
         self.penalties = penalties
+        self.maxUnauthenticated = maxUnauthenticated
+        self.unauthenticated: dict[str, int] = {}
+
+    def admits(self, host: str) -> bool:
+        """
+        Whether a new connection from C{host} may be accepted: its address is
+        not penalised and has fewer than C{maxUnauthenticated} connections
+        that have not logged in.
+        """
+        if self.penalties is not None and self.penalties.penalty(host):
+            return False
+        limit = self.maxUnauthenticated
+        return limit is None or self.unauthenticated.get(host, 0) < limit
 
     def rootObject(self, broker: pb.Broker) -> pb.Referenceable:
-        return _LoginGate(self, broker)
+        gate = _LoginGate(self, broker)
+        broker.notifyOnDisconnect(gate.gone)
+        return gate
 
 
 class _LoginGate(_RemoteObject):
@@ -128,10 +146,30 @@ class _LoginGate(_RemoteObject):
         self.broker = broker
         self.failures = 0
         self.loggedIn = False
+        self._host: str | None = None
         self._timeout = None
         if root.loginTimeout is not None:
             self._timeout = root.registry.clock.callLater(root.loginTimeout, self._timedOut)
-            broker.notifyOnDisconnect(self._stopTimer)
+
+    def watch(self, host: str) -> None:
+        """
+        Count this connection, from C{host}, as not logged in until it is.
+        """
+        self._host = host
+        self.root.unauthenticated[host] = self.root.unauthenticated.get(host, 0) + 1
+
+    def _authenticated(self) -> None:
+        host, self._host = self._host, None
+        if host is not None:
+            count = self.root.unauthenticated[host] - 1
+            if count:
+                self.root.unauthenticated[host] = count
+            else:
+                del self.root.unauthenticated[host]
+
+    def gone(self) -> None:
+        self._authenticated()  # it no longer counts either way
+        self._stopTimer()
 
     @property
     def peer(self) -> str:
@@ -139,6 +177,7 @@ class _LoginGate(_RemoteObject):
 
     def succeeded(self) -> None:
         self.loggedIn = True
+        self._authenticated()
         self._stopTimer()
 
     def failed(self) -> None:

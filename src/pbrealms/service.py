@@ -16,7 +16,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.spread import pb
 
-from pbrealms.login import describeAddress
+from pbrealms.login import LoginRoot, describeAddress
 from pbrealms.notify import notify
 from pbrealms.push import push
 from pbrealms.sessions import SessionRegistry
@@ -37,15 +37,20 @@ class PBServerFactory(pb.PBServerFactory):
     noisy = False
     protocol = LimitedBroker
 
-    def __init__(self, root: pb.IPBRoot, security) -> None:
+    def __init__(self, root: LoginRoot, security, maxConnections: int | None = None) -> None:
         super().__init__(root, unsafeTracebacks=False, security=security)
+        self.maxConnections = maxConnections
         self.brokers: set[pb.Broker] = set()
 
     def buildProtocol(self, addr) -> pb.Broker | None:
-        penalties = getattr(self.root, "penalties", None)
-        if penalties is not None and penalties.penalty(getattr(addr, "host", "")):
-            return None  # closed as it is accepted
+        # Returning None closes the connection as it is accepted.
+        host = getattr(addr, "host", "")
+        if self.maxConnections is not None and len(self.brokers) >= self.maxConnections:
+            return None
+        if not self.root.admits(host):
+            return None
         broker = super().buildProtocol(addr)
+        broker.localObjectForID(b"root").watch(host)  # the login gate
         self.brokers.add(broker)
         broker.notifyOnDisconnect(lambda: self.brokers.discard(broker))
         return broker

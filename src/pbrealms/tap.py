@@ -137,6 +137,20 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "after being told of the shutdown, before their connections are closed.",
         ],
         [
+            "max-connections",
+            None,
+            "16384",
+            "PB connections open at once; beyond it new ones are closed as they are "
+            "accepted. Keep it below the file descriptor limit.",
+        ],
+        [
+            "max-unauthenticated-per-source",
+            None,
+            "128",
+            "Connections from one address that have not logged in yet; beyond it new "
+            "ones from that address are closed as they are accepted.",
+        ],
+        [
             "max-auth-tries",
             None,
             "6",
@@ -246,7 +260,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["checker"], self["demo"] = self._checker()
         self["endpoint"] = self._endpoint(self["port"], "--port")
         self["shutdown-grace"] = self._grace(self["shutdown-grace"])
-        self["max-auth-tries"] = self._positive("max-auth-tries", self["max-auth-tries"], int)
+        for name in ("max-connections", "max-unauthenticated-per-source", "max-auth-tries"):
+            self[name] = self._positive(name, self[name], int)
         self["login-timeout"] = self._positive("login-timeout", self["login-timeout"], float)
         try:
             self["penalty-exempt"] = parseNetworks(self["penalty-exempt"])
@@ -386,8 +401,9 @@ def makeService(options: Options) -> PBRealmsService:
         maxAuthTries=options["max-auth-tries"],
         loginTimeout=options["login-timeout"],
         penalties=penalties,
+        maxUnauthenticated=options["max-unauthenticated-per-source"],
     )
-    factory = PBServerFactory(root, wireSecurity())
+    factory = PBServerFactory(root, wireSecurity(), maxConnections=options["max-connections"])
     metrics.countConnections(lambda: len(factory.brokers))
 
     server = PBRealmsService()
