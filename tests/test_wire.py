@@ -29,8 +29,11 @@ PEER = IPv4Address("TCP", "192.0.2.7", 4242)
 
 class Recording(LimitedBroker):
     """
-    A broker that keeps the expressions it decodes instead of acting on them.
+    A broker that keeps the expressions it decodes instead of acting on them,
+    all at once (the read budget is tested on its own).
     """
+
+    readBudget = 1 << 30
 
     def __init__(self) -> None:
         super().__init__(isClient=False)
@@ -331,3 +334,60 @@ def test_a_never_ending_message_costs_the_server_no_memory(tmp_path, passwd):
     finally:
         server.terminate()
         server.wait(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_reading_pauses_once_a_turn_has_used_its_budget(reactor):
+    broker, transport = connected(Recording())
+    broker.readBudget = 16 * 1024
+    message = encode([b"x" * 100])
+    broker.dataReceived(message * 1000)  # 105 kB
+    assert 0 < len(broker.received) < 200
+    assert transport.producerState == "paused"
+    await eventually(reactor, lambda: len(broker.received) == 1000)
+    assert transport.producerState == "producing"
+
+
+FLOOD = """
+import socket, sys
+from twisted.spread import banana
+call = banana.encode([b"message", 1, b"root", b"ping", 0, [b"tuple"], [b"dictionary"]])
+flood = call * (4 * 1024 * 1024 // len(call))
+with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as sock:
+    sock.recv(64)  # the server's dialect offer
+    sock.sendall(banana.encode(b"pb"))
+    print("flooding", flush=True)
+    sock.sendall(flood)
+    sock.shutdown(socket.SHUT_WR)
+    while sock.recv(65536):  # until the server has read it all and closed
+        pass
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_does_not_starve_a_canary(harness, reactor):
+    """
+    While one client sends 4 MB of small calls (about 100,000, which take
+    the server seconds), another logs in within 200 ms.
+    """
+    served = await harness.serve("cache")
+    flooder = subprocess.Popen(
+        [sys.executable, "-c", FLOOD, str(served.port.getHost().port)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        await eventually(reactor, lambda: len(served.factory.made) == 1, timeout=15)
+        broker = served.factory.made[0]
+        # Wait until the server is busy with the flood.
+        await eventually(reactor, lambda: broker._paused, timeout=15)
+        started = time.monotonic()
+        canary = await served.login("alice")
+        took = time.monotonic() - started
+        flooding = not broker.disconnected
+        assert await canary.callRemote("greet") == "<1>hello alice"
+        assert took < 0.2, f"the canary took {took * 1000:.0f} ms to log in"
+        assert flooding, "the flood was over before the canary logged in"
+        await eventually(reactor, lambda: broker.disconnected, timeout=30)
+    finally:
+        flooder.kill()
+        flooder.wait()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.spread import pb
 
@@ -21,6 +22,7 @@ from twisted.spread import pb
 #: its lists may nest.
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_DEPTH = 64
+READ_BUDGET = 4 * 1024
 
 _LIST, _INT, _STRING, _NEG, _FLOAT, _LONGINT, _LONGNEG, _VOCAB = range(0x80, 0x88)
 
@@ -60,8 +62,13 @@ class LimitedBroker(pb.Broker):
 
     maxMessageBytes = MAX_MESSAGE_BYTES
     maxDepth = MAX_DEPTH
+    #: Bytes decoded in one turn of the reactor; the rest waits for the next
+    #: turn, with reading paused, so that one client cannot monopolise it.
+    readBudget = READ_BUDGET
 
     _refused = False
+    _paused = False
+    _next: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self._pending = bytearray()
@@ -71,10 +78,15 @@ class LimitedBroker(pb.Broker):
     def dataReceived(self, chunk: bytes) -> None:
         if self._refused:
             return
+        self._pending += chunk
+        if self._next is None:
+            self._drain()
+
+    def _drain(self) -> None:
+        self._next = None
         pending = self._pending
-        pending += chunk
         try:
-            used = self._decode(pending)
+            used = self._decode(pending, self.readBudget)
         except WireError as e:
             self.refuse(str(e))
             return
@@ -83,6 +95,24 @@ class LimitedBroker(pb.Broker):
             self.refuse(f"malformed message ({type(e).__name__}: {str(e)[:80]})")
             return
         del pending[:used]
+        if self._refused or self.disconnected:
+            return
+        if used >= self.readBudget and pending:
+            from twisted.internet import reactor
+
+            if not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
+            self._next = reactor.callLater(0, self._drain)
+        elif self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def connectionLost(self, reason) -> None:
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+        super().connectionLost(reason)
 
     def proto_message(self, requestID, objectID, message, answerRequired, netArgs, netKw):
         # A call that wants no answer (pbanswer=False) and fails would end as
@@ -105,9 +135,10 @@ class LimitedBroker(pb.Broker):
         _log.info("closed the connection from {peer}: {reason}", peer=where, reason=reason)
         self.transport.abortConnection()
 
-    def _decode(self, buf: bytearray) -> int:
+    def _decode(self, buf: bytearray, budget: int) -> int:
         """
-        Decode every whole item in C{buf}, passing each to L{gotItem}.
+        Decode the whole items in C{buf}, passing each to L{gotItem}, until
+        C{budget} bytes are used.
 
         @return: how many bytes were used.
         """
@@ -115,7 +146,7 @@ class LimitedBroker(pb.Broker):
         prefixLimit = self.prefixLimit
         end = len(buf)
         pos = 0
-        while pos < end and not self._refused:
+        while pos < end and pos < budget and not self._refused:
             start = pos
             scan = pos
             stop = min(end, pos + prefixLimit + 1)
