@@ -59,6 +59,24 @@ def accepts(checker: PasswordFile, user: str, password: str) -> bool:
     return True
 
 
+class InlineHasher:
+    """
+    Checks bcrypt hashes at once, in this thread, so that these tests stay
+    synchronous (the thread pool is tested in test_bcrypt.py).
+    """
+
+    def check(self, password: bytes, hashed: bytes):
+        import bcrypt
+        from twisted.internet import defer
+
+        return defer.succeed(bcrypt.checkpw(password, hashed))
+
+
+@pytest.fixture(autouse=True)
+def inlineHasher(monkeypatch):
+    monkeypatch.setattr(PasswordFile, "hasher", InlineHasher())
+
+
 @pytest.fixture
 def users(tmp_path: Path) -> Path:
     return write(tmp_path / "users", "alice:wonderland\nbob:builder\n")

@@ -9,15 +9,19 @@ whatever the number of users, and read again only when it changes.
 
 from __future__ import annotations
 
+import hmac
 import os
+import re
 import stat
 from pathlib import Path
 
+import bcrypt
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 
@@ -102,6 +106,39 @@ def _signature(path: str) -> tuple[int, int, int, int] | None:
 
 # Compared against for unknown users, so that they cost what a wrong password costs.
 _NO_SUCH_USER = b"\0no such user\0"
+#: A bcrypt hash (cost 12, as pbrealms-passwd writes) that no password matches.
+DUMMY_HASH = b"$2b$12$WyAZc.PiM4es0FE/mo8Nz.eGsYyJ8GUYxkMw1m9W.ghuGlZ4M9Vji"
+_BCRYPT = re.compile(rb"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+
+
+def isHashed(password: bytes) -> bool:
+    """
+    Whether a password file entry is a bcrypt hash rather than a password.
+    """
+    return _BCRYPT.fullmatch(password) is not None
+
+
+class PasswordHasher:
+    """
+    Checks passwords against bcrypt hashes in a thread pool of bounded size,
+    so that the reactor stays responsive while hashes are computed.
+    """
+
+    def __init__(self, threads: int = 4) -> None:
+        self.threads = threads
+        self._pool: ThreadPool | None = None
+
+    def check(self, password: bytes, hashed: bytes) -> defer.Deferred[bool]:
+        """
+        @return: a L{Deferred} firing with whether C{password} matches.
+        """
+        from twisted.internet import reactor
+
+        if self._pool is None:
+            self._pool = ThreadPool(0, self.threads, name="pbrealms-bcrypt")
+            self._pool.start()
+            reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+        return threads.deferToThreadPool(reactor, self._pool, bcrypt.checkpw, password, hashed)
 
 
 @implementer(ICredentialsChecker)
@@ -117,6 +154,8 @@ class PasswordFile:
 
     credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
     _log = Logger()
+    #: Checks bcrypt hashes; shared by every password file of the process.
+    hasher: PasswordHasher
 
     def __init__(self, path: str, strictModes: bool = True) -> None:
         """
@@ -176,6 +215,10 @@ class PasswordFile:
         """
         Check C{credentials} against the table.
 
+        A bcrypt entry can only be checked against the password itself
+        (L{IUsernamePassword}), in L{hasher}'s threads; an unknown user is
+        checked against a dummy hash, so that it costs the same.
+
         @return: a L{Deferred} firing with the user name, or failing with
             L{UnauthorizedLogin}.
         """
@@ -183,7 +226,18 @@ class PasswordFile:
         if isinstance(username, str):
             username = username.encode("utf-8")
         password = self._users.get(username)
-        matched = credentials.checkPassword(password or _NO_SUCH_USER)
+        if IUsernamePassword.providedBy(credentials):
+            given = credentials.password
+            if isinstance(given, str):
+                given = given.encode("utf-8")
+            if password is None or isHashed(password):
+                checked = self.hasher.check(given, password or DUMMY_HASH)
+                return checked.addCallback(self._verdict, username, password)
+            matched: object = hmac.compare_digest(given, password)
+        elif password is not None and isHashed(password):
+            matched = False  # PB's challenge needs what a hash does not give
+        else:
+            matched = credentials.checkPassword(password or _NO_SUCH_USER)
         if isinstance(matched, defer.Deferred):
             return matched.addCallback(self._verdict, username, password)
         try:
@@ -196,3 +250,6 @@ class PasswordFile:
         if password is None or not matched:
             raise UnauthorizedLogin()
         return username.decode("utf-8")
+
+
+PasswordFile.hasher = PasswordHasher()

@@ -9,6 +9,7 @@ The client library and the C{pbrealms-client} command.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sys
@@ -18,8 +19,9 @@ from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, endpoints, error, task
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet import defer, endpoints, error, ssl, task
+from twisted.internet.address import UNIXAddress
+from twisted.internet.interfaces import IReactorCore, IReactorTime, ISSLTransport
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.spread import pb
@@ -64,6 +66,22 @@ def _ignore(_: object) -> None:
     pass
 
 
+def isPrivate(transport) -> bool:
+    """
+    Whether only the server can read what is sent on C{transport}: TLS, a
+    UNIX socket, or loopback.
+    """
+    if ISSLTransport.providedBy(transport):
+        return True
+    peer = transport.getPeer()
+    if isinstance(peer, UNIXAddress):
+        return True
+    try:
+        return ipaddress.ip_address(getattr(peer, "host", "")).is_loopback
+    except ValueError:
+        return False
+
+
 class ClientMind(pb.Referenceable):
     """
     The client object passed at login, which the server pushes to: it calls
@@ -93,6 +111,7 @@ async def connect(
     password: str,
     mind: pb.Referenceable | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    sendPassword: bool | None = None,
 ) -> Connection:
     """
     Connect to a pbrealms (or any PB portal) server and log in.
@@ -100,6 +119,10 @@ async def connect(
     @param endpoint: a client endpoint, or its description.
     @param mind: the client object the server may push to.
     @param timeout: seconds that connecting and logging in may take together.
+    @param sendPassword: log in by sending the password itself (which is
+        what a user whose entry is a bcrypt hash needs), rather than with
+        PB's challenge; by default, exactly when the connection is TLS,
+        loopback or a UNIX socket, where pbrealms accepts it.
     @raise pbrealms.errors.LoginRefused: if the server refuses the login; it
         is also an L{UnauthorizedLogin}, and its subclasses
         L{pbrealms.errors.BadCredentials} and L{TooManyConnections} tell why.
@@ -110,8 +133,12 @@ async def connect(
     factory = pb.PBClientFactory()
 
     async def attempt() -> pb.RemoteReference:
-        await endpoint.connect(factory)
-        credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8"))
+        broker = await endpoint.connect(factory)
+        name, secret = user.encode("utf-8"), password.encode("utf-8")
+        if sendPassword if sendPassword is not None else isPrivate(broker.transport):
+            root = await factory.getRootObject()
+            return await root.callRemote("loginPassword", name, secret, mind).addErrback(localize)
+        credentials = UsernamePassword(name, secret)
         return await factory.login(credentials, client=mind).addErrback(localize)
 
     d = defer.ensureDeferred(attempt())
@@ -185,6 +212,21 @@ class ClientOptions(usage.Options):
             "Seconds that connecting and logging in may take.",
             float,
         ],
+        [
+            "ca-file",
+            None,
+            None,
+            "With --tls: the PEM certificate of the authority that signed the server's. "
+            "[default: the system's trusted authorities]",
+        ],
+    ]
+    optFlags = [
+        [
+            "tls",
+            None,
+            "Connect to --connect tcp:HOST:PORT over TLS, checking the server's "
+            "certificate against HOST.",
+        ],
     ]
     subCommands = [
         ["greet", None, GreetOptions, "Ask for greetings and print them."],
@@ -205,7 +247,26 @@ class ClientOptions(usage.Options):
             self["endpoint"] = endpoints.clientFromString(reactor, self["connect"])
         except Exception as e:
             raise usage.UsageError(f"bad --connect {self['connect']!r}: {e}") from None
+        if self["tls"]:
+            self["endpoint"] = self._tls(self["endpoint"])
+        elif self["ca-file"]:
+            raise usage.UsageError("--ca-file goes with --tls")
         self["password"] = self._password()
+
+    def _tls(self, endpoint):
+        host = getattr(endpoint, "_host", None)
+        if not isinstance(endpoint, endpoints.TCP4ClientEndpoint | endpoints.HostnameEndpoint):
+            raise usage.UsageError("--tls needs --connect tcp:HOST:PORT")
+        trust = None
+        if self["ca-file"]:
+            try:
+                with open(self["ca-file"], "rb") as f:
+                    trust = ssl.Certificate.loadPEM(f.read())
+            except Exception as e:
+                raise usage.UsageError(f"cannot read --ca-file {self['ca-file']}: {e}") from None
+        if isinstance(host, bytes):
+            host = host.decode("ascii")
+        return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), endpoint)
 
     def _password(self) -> str:
         path = self["password-file"]

@@ -51,6 +51,18 @@ class MindRequired(LoginRefused):
         )
 
 
+class InsecureLogin(LoginRefused):
+    """
+    The password itself may only be sent over TLS, loopback or a UNIX socket.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this connection is neither TLS nor local: log in with PB's challenge "
+            "(login), or connect over TLS to send the password"
+        )
+
+
 class ShuttingDown(LoginRefused):
     """
     The server is shutting down and admits no new session.
@@ -136,6 +148,7 @@ _WIRE_ERRORS: tuple[type[pb.Error], ...] = (
     BadCredentials,
     TooManyConnections,
     MindRequired,
+    InsecureLogin,
     ShuttingDown,
     LoginRefused,
     LoginFailed,

@@ -13,15 +13,17 @@ PB's login internals.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import secrets
 from hashlib import md5
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernameHashedPassword
+from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import pb
@@ -29,6 +31,7 @@ from zope.interface import implementer
 
 from pbrealms.errors import (
     BadCredentials,
+    InsecureLogin,
     LoginFailed,
     LoginRefused,
     TooManyConnections,
@@ -58,6 +61,22 @@ def describeAddress(address: object) -> str:
         name = address.name
         return "unix:" + (name.decode() if isinstance(name, bytes) else str(name or "-"))
     return str(address)
+
+
+def _isPrivate(transport) -> bool:
+    """
+    Whether what is sent on C{transport} is for the server's eyes only: TLS,
+    a UNIX socket, or loopback.
+    """
+    if ISSLTransport.providedBy(transport):
+        return True
+    address = transport.getHost()
+    if isinstance(address, UNIXAddress):
+        return True
+    try:
+        return ipaddress.ip_address(getattr(address, "host", "")).is_loopback
+    except ValueError:
+        return False
 
 
 def _printable(name: object) -> str:
@@ -221,6 +240,25 @@ class _LoginGate(_RemoteObject):
             raise BadCredentials()
         challenge = secrets.token_hex(16).encode("ascii")
         return challenge, _Challenger(self, username, challenge)
+
+    def remote_loginPassword(
+        self, username: bytes, password: bytes, mind: object
+    ) -> defer.Deferred:
+        """
+        Log in with the password itself, which the checker can compare with a
+        bcrypt hash; offered only where nobody else can read it.
+        """
+        if not _isPrivate(self.broker.transport):
+            raise InsecureLogin()
+        if isinstance(username, str):
+            username = username.encode("utf-8")
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        if not isinstance(username, bytes) or not isinstance(password, bytes):
+            raise BadCredentials()
+        if not isinstance(mind, pb.RemoteReference):
+            mind = None
+        return _Login(self, username).run(UsernamePassword(username, password), mind)
 
 
 @implementer(IUsernameHashedPassword)
