@@ -249,7 +249,7 @@ async def test_stalled_connections_cannot_starve_others(harness, reactor, log):
     assert len(served.factory.made) == 3
     assert root.unauthenticated == {"127.0.0.8": 3}
 
-    canary = connectFrom(reactor, served, "127.0.0.9")
+    canary = connectFrom(reactor, served, "127.0.0.2")
     perspective = await loginOn(canary, b"wonderland")
     assert await perspective.callRemote("greet") == "<1>hello alice"
     assert root.unauthenticated == {"127.0.0.8": 3}  # the canary logged in
@@ -260,3 +260,32 @@ async def test_stalled_connections_cannot_starve_others(harness, reactor, log):
     canary.disconnect()
     await served.settled()
     await eventually(reactor, lambda: len(os.listdir("/proc/self/fd")) == baseline)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_beyond_the_total_are_closed_at_once(harness, reactor):
+    base = harness.makeRoot("tracking")
+    served = await harness.serve(root=base)
+    served.factory.maxConnections = 2
+    first = connectFrom(reactor, served, "127.0.0.10")
+    second = connectFrom(reactor, served, "127.0.0.11")
+    await first.getRootObject()
+    await second.getRootObject()
+
+    lost: defer.Deferred = defer.Deferred()
+
+    class Probe(protocol.Protocol):
+        def connectionLost(self, reason):
+            lost.callback(None)
+
+    await protocol.ClientCreator(reactor, Probe).connectTCP(
+        "127.0.0.1", served.port.getHost().port, bindAddress=("127.0.0.12", 0)
+    )
+    await lost
+    assert len(served.factory.made) == 2
+    first.disconnect()
+    await eventually(reactor, lambda: len(served.factory.brokers) == 1)
+    third = connectFrom(reactor, served, "127.0.0.12")
+    await loginOn(third, b"wonderland")
+    second.disconnect()
+    third.disconnect()

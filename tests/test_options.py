@@ -251,6 +251,10 @@ def test_passwd_private_no_warning(capsys, tmp_path, log):
         (["--login-timeout", "-1"], "--login-timeout must be a number above 0"),
         (["--login-timeout", "soon"], "--login-timeout"),
         (["--penalty-exempt", "10.0.0.0/8,nope"], "--penalty-exempt: 'nope'"),
+        (["--max-message-size", "0"], "--max-message-size must be a number above 0"),
+        (["--max-depth", "deep"], "--max-depth"),
+        (["--max-connections", "-5"], "--max-connections"),
+        (["--max-unauthenticated-per-source", "0"], "--max-unauthenticated-per-source"),
     ],
 )
 def test_guard_options_are_checked(capsys, args, words):
@@ -263,8 +267,11 @@ def test_guard_options_reach_the_login_root(capsys, tmp_path):
         capsys, "--passwd", str(path), "--port", LOOPBACK, "--max-auth-tries", "3",
         "--login-timeout", "2.5", "--penalty-exempt", "10.0.0.0/8",
     )  # fmt: skip
-    root = makeService(options).getServiceNamed("pb-listener").factory.root
+    factory = makeService(options).getServiceNamed("pb-listener").factory
+    root = factory.root
     assert (root.maxAuthTries, root.loginTimeout) == (3, 2.5)
+    assert (factory.maxMessageBytes, factory.maxDepth) == (1 << 20, 64)
+    assert factory.maxConnections == 16384 and root.maxUnauthenticated == 128
     assert root.penalties.isExempt("10.9.8.7") and not root.penalties.isExempt("11.0.0.1")
 
 

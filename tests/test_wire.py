@@ -391,3 +391,22 @@ async def test_a_flood_does_not_starve_a_canary(harness, reactor):
     finally:
         flooder.kill()
         flooder.wait()
+
+
+def test_the_factory_sets_each_brokers_limits(harness, log):
+    from pbrealms.service import PBServerFactory
+    from pbrealms.tap import wireSecurity
+
+    factory = PBServerFactory(
+        harness.makeRoot("cache"), wireSecurity(), maxMessageBytes=1000, maxDepth=3
+    )
+    for data in (encode([[[[1]]]]), encode([b"x" * 1000])):
+        broker = factory.buildProtocol(PEER)
+        transport = StringTransport(peerAddress=PEER)
+        broker.makeConnection(transport)
+        broker.dataReceived(encode(b"pb") + data)
+        assert transport.disconnected
+        broker.connectionLost(protocol.connectionDone)
+    closes = [m for m in log.messages() if "closed the connection" in m]
+    assert closes[0].endswith("a message nested deeper than 3 lists")
+    assert closes[1].endswith("a message larger than 1000 bytes")

@@ -20,7 +20,7 @@ from pbrealms.login import LoginRoot, describeAddress
 from pbrealms.notify import notify
 from pbrealms.push import push
 from pbrealms.sessions import SessionRegistry
-from pbrealms.wire import LimitedBroker
+from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES, LimitedBroker
 
 _log = Logger()
 
@@ -37,9 +37,18 @@ class PBServerFactory(pb.PBServerFactory):
     noisy = False
     protocol = LimitedBroker
 
-    def __init__(self, root: LoginRoot, security, maxConnections: int | None = None) -> None:
+    def __init__(
+        self,
+        root: LoginRoot,
+        security,
+        maxConnections: int | None = None,
+        maxMessageBytes: int = MAX_MESSAGE_BYTES,
+        maxDepth: int = MAX_DEPTH,
+    ) -> None:
         super().__init__(root, unsafeTracebacks=False, security=security)
         self.maxConnections = maxConnections
+        self.maxMessageBytes = maxMessageBytes
+        self.maxDepth = maxDepth
         self.brokers: set[pb.Broker] = set()
 
     def buildProtocol(self, addr) -> pb.Broker | None:
@@ -50,6 +59,7 @@ class PBServerFactory(pb.PBServerFactory):
         if not self.root.admits(host):
             return None
         broker = super().buildProtocol(addr)
+        broker.maxMessageBytes, broker.maxDepth = self.maxMessageBytes, self.maxDepth
         broker.localObjectForID(b"root").watch(host)  # the login gate
         self.brokers.add(broker)
         broker.notifyOnDisconnect(lambda: self.brokers.discard(broker))

@@ -32,6 +32,7 @@ from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
 from pbrealms.realms import REALMS, ClockRealm
 from pbrealms.service import GracefulShutdown, Listener, PBRealmsService, PBServerFactory
 from pbrealms.sessions import SessionRegistry
+from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES
 
 DEFAULT_PORT = "tcp:8787:interface=127.0.0.1"
 DEFAULT_PERIOD = 1.0
@@ -135,6 +136,18 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             str(DEFAULT_GRACE),
             "On SIGTERM or SIGINT: the seconds that sessions get to finish their calls "
             "after being told of the shutdown, before their connections are closed.",
+        ],
+        [
+            "max-message-size",
+            None,
+            str(MAX_MESSAGE_BYTES),
+            "Bytes one incoming message may have; a larger one closes its connection.",
+        ],
+        [
+            "max-depth",
+            None,
+            str(MAX_DEPTH),
+            "How deep the lists of one incoming message may nest.",
         ],
         [
             "max-connections",
@@ -260,7 +273,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["checker"], self["demo"] = self._checker()
         self["endpoint"] = self._endpoint(self["port"], "--port")
         self["shutdown-grace"] = self._grace(self["shutdown-grace"])
-        for name in ("max-connections", "max-unauthenticated-per-source", "max-auth-tries"):
+        for name in (
+            "max-message-size",
+            "max-depth",
+            "max-connections",
+            "max-unauthenticated-per-source",
+            "max-auth-tries",
+        ):
             self[name] = self._positive(name, self[name], int)
         self["login-timeout"] = self._positive("login-timeout", self["login-timeout"], float)
         try:
@@ -281,7 +300,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             number = kind(value)
         except ValueError:
             number = math.nan
-        if not 0 < number <= 10**6:
+        if not 0 < number < 2**31:
             raise usage.UsageError(f"--{option} must be a number above 0, not {value!r}")
         return number
 
@@ -403,7 +422,13 @@ def makeService(options: Options) -> PBRealmsService:
         penalties=penalties,
         maxUnauthenticated=options["max-unauthenticated-per-source"],
     )
-    factory = PBServerFactory(root, wireSecurity(), maxConnections=options["max-connections"])
+    factory = PBServerFactory(
+        root,
+        wireSecurity(),
+        maxConnections=options["max-connections"],
+        maxMessageBytes=options["max-message-size"],
+        maxDepth=options["max-depth"],
+    )
     metrics.countConnections(lambda: len(factory.brokers))
 
     server = PBRealmsService()
