@@ -103,6 +103,25 @@ def passwd(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def pwfile(passwd: Path) -> Path:
+    """
+    The server's password file, for the tests that start twistd.
+    """
+    return passwd
+
+
+@pytest.fixture
+def alicePassword(tmp_path: Path) -> Path:
+    """
+    A client's password file for alice, mode 0600.
+    """
+    path = tmp_path / "alice.password"
+    path.write_text(USERS["alice"] + "\n")
+    path.chmod(0o600)
+    return path
+
+
 async def eventually(reactor, condition: Callable[[], bool], timeout: float = 5.0) -> None:
     """
     Let the reactor run until C{condition()} holds; fail after C{timeout}.

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processes import environment, stop, waitFor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTAINERFILE = ROOT / "config" / "Containerfile"
@@ -134,24 +135,6 @@ def test_image_settings():
 # Helpers
 
 
-def environment(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PBREALMS_", "LISTEN_", "NOTIFY_SOCKET"))
-    }
-    env.update(extra)
-    return env
-
-
-def waitFor(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.02)
-
-
 def waitForLine(process: subprocess.Popen, output: Path, pattern: re.Pattern) -> re.Match:
     def seen() -> bool:
         if process.poll() is not None:
@@ -160,12 +143,6 @@ def waitForLine(process: subprocess.Popen, output: Path, pattern: re.Pattern) ->
 
     waitFor(seen, START_TIMEOUT, f"a line matching {pattern.pattern!r}")
     return pattern.search(output.read_text(errors="replace"))
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.wait()
 
 
 def children(pid: int) -> list[int]:
@@ -188,22 +165,6 @@ def client(endpoint: str, password: Path, *command: str) -> subprocess.Completed
          *command],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, env=environment(),
     )  # fmt: skip
-
-
-@pytest.fixture
-def pwfile(tmp_path: Path) -> Path:
-    path = tmp_path / "users.passwd"
-    path.write_text("alice:wonderland\nbob:builder\n")
-    path.chmod(0o600)
-    return path
-
-
-@pytest.fixture
-def alicePassword(tmp_path: Path) -> Path:
-    path = tmp_path / "alice.password"
-    path.write_text("wonderland\n")
-    path.chmod(0o600)
-    return path
 
 
 # The entrypoint as PID 1

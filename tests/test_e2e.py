@@ -6,7 +6,6 @@ calling it from another.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processes import environment, waitFor
 
 #: The commands a user runs, from the virtualenv running the tests.
 BIN = Path(sys.executable).parent
@@ -25,20 +25,6 @@ CLIENT = [str(BIN / "pbrealms-client")]
 LISTENING = re.compile(r"pbrealms listening on 127\.0\.0\.1:(\d+)")
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
-
-
-def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PBREALMS_")}
-    env.update(extra)
-    return env
-
-
-def waitFor(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.02)
 
 
 class Server:
@@ -93,28 +79,6 @@ class Server:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
-
-
-@pytest.fixture
-def pwfile(tmp_path: Path) -> Path:
-    """
-    The server's password file, mode 0600.
-    """
-    path = tmp_path / "users.passwd"
-    path.write_text("alice:wonderland\nbob:builder\n")
-    path.chmod(0o600)
-    return path
-
-
-@pytest.fixture
-def alicePassword(tmp_path: Path) -> Path:
-    """
-    The client's password file for alice.
-    """
-    path = tmp_path / "alice.password"
-    path.write_text("wonderland\n")
-    path.chmod(0o600)
-    return path
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processes import environment, stop, waitFor
 
 from pbrealms.tap import DEFAULT_GRACE
 
@@ -73,37 +74,6 @@ def setting(path: Path, section: str, key: str) -> str:
     return values[0]
 
 
-def environment(**extra: str) -> dict[str, str]:
-    """
-    This process's environment without anything that would reach into the
-    server: no pbrealms settings, no systemd protocol variables.
-    """
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PBREALMS_", "LISTEN_", "NOTIFY_SOCKET"))
-    }
-    env.update(extra)
-    return env
-
-
-def waitFor(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.02)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """
-    Kill a process if it still runs, and reap it.
-    """
-    if process.poll() is None:
-        process.kill()
-    process.wait()
-
-
 def freePort(host: str, family: socket.AddressFamily) -> int:
     with socket.socket(family) as s:
         s.bind((host, 0))
@@ -129,22 +99,6 @@ def assertStoppedCleanly(process: subprocess.Popen, output: Path, within: float)
     assert "Traceback" not in text, text
     assert "Unhandled" not in text, text
     return took
-
-
-@pytest.fixture
-def pwfile(tmp_path: Path) -> Path:
-    path = tmp_path / "users.passwd"
-    path.write_text("alice:wonderland\nbob:builder\n")
-    path.chmod(0o600)
-    return path
-
-
-@pytest.fixture
-def alicePassword(tmp_path: Path) -> Path:
-    path = tmp_path / "alice.password"
-    path.write_text("wonderland\n")
-    path.chmod(0o600)
-    return path
 
 
 # systemd-analyze

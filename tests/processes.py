@@ -1,0 +1,49 @@
+"""
+Helpers for the tests that run real processes: twistd, pbrealms-client and
+the system tools around them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: The commands a user runs, from the virtualenv running the tests.
+BIN = Path(sys.executable).parent
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """
+    This process's environment without anything that would reach into the
+    server: no pbrealms settings, no systemd protocol variables.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PBREALMS_", "LISTEN_", "NOTIFY_SOCKET"))
+    }
+    env.update(extra)
+    return env
+
+
+def waitFor(condition, timeout: float, what: str) -> None:
+    """
+    Poll C{condition} until it holds; fail, naming C{what}, after C{timeout}.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.02)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """
+    Kill a process if it still runs, and reap it.
+    """
+    if process.poll() is None:
+        process.kill()
+    process.wait()
