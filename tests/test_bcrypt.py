@@ -230,3 +230,25 @@ def test_pbrealms_passwd_refuses_bad_input(tmp_path, args, stdin, words):
     assert words in result.stderr
     assert len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "f").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_password_longer_than_bcrypt_reads_is_just_wrong(hashedPasswd, log):
+    checker = PasswordFile(str(hashedPasswd))
+    assert await avatarId(checker, b"carol", b"c4r0l" + b"x" * 80) is None
+    assert await avatarId(checker, b"mallory", b"y" * 100) is None
+    assert not log.errors()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_hash_queue_is_bounded():
+    from pbrealms.checkers import PasswordHasher
+
+    hasher = PasswordHasher(threads=1, maxPending=2)
+    slow = hashed(b"pw", rounds=10).encode()
+    checks = [hasher.check(b"pw", slow) for _ in range(3)]
+    assert checks[2].called and checks[2].result is False  # refused at once
+    assert hasher.pending == 2
+    assert [await c for c in checks] == [True, True, False]
+    assert hasher.pending == 0
+    hasher.stop()

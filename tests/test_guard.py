@@ -289,3 +289,35 @@ async def test_connections_beyond_the_total_are_closed_at_once(harness, reactor)
     await loginOn(third, b"wonderland")
     second.disconnect()
     third.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_guesses_cannot_outrun_the_tries(guarded, reactor):
+    serve, _, _ = guarded
+    served = await serve(maxAuthTries=3)
+    factory = connectFrom(reactor, served, "127.0.0.13")
+    root = await factory.getRootObject()
+    challenges = [await root.callRemote("login", b"alice") for _ in range(10)]
+    guesses = [b"guess"] * 10
+    guesses[5] = b"wonderland"  # the right one, after the limit
+    answers = [
+        challenger.callRemote("respond", pb.respond(challenge, guess), None)
+        for (challenge, challenger), guess in zip(challenges, guesses, strict=True)
+    ]
+    results = await defer.DeferredList(answers, consumeErrors=True)
+    refused = [f for ok, f in results if not ok and f.check(pb.PBConnectionLost) is None]
+    assert len(refused) == 3  # the rest were never read
+    assert all(ok is False for ok, _ in results)
+    assert served.registry.countOf("alice") == 0
+    factory.disconnect()
+
+
+def test_ipv4_clients_of_a_dual_stack_socket_are_seen_as_ipv4():
+    from twisted.internet.address import IPv6Address
+
+    from pbrealms.guard import sourceOf
+
+    assert sourceOf(IPv6Address("TCP", "::ffff:127.0.0.1", 5)) == "127.0.0.1"
+    assert sourceOf(IPv6Address("TCP", "2001:db8::1", 5)) == "2001:db8::1"
+    penalties = SourcePenalties(task.Clock(), exempt=parseNetworks("127.0.0.0/8"))
+    assert penalties.isExempt(sourceOf(IPv6Address("TCP", "::ffff:127.0.0.60", 5)))

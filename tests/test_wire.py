@@ -410,3 +410,41 @@ def test_the_factory_sets_each_brokers_limits(harness, log):
     closes = [m for m in log.messages() if "closed the connection" in m]
     assert closes[0].endswith("a message nested deeper than 3 lists")
     assert closes[1].endswith("a message larger than 1000 bytes")
+
+
+@pytest.mark.parametrize(
+    ("stream", "reason"),
+    [
+        (encode(b"pb") + encode([b"cachemessage", 1, 99, b"x", 1, [b"tuple"], [b"dictionary"]]),
+         "a message to a cached object"),
+        (encode(b"klingon") * 50, "no dialect that PB speaks"),
+    ],
+)  # fmt: skip
+def test_pb_messages_that_would_log_tracebacks_close_the_connection(harness, log, stream, reason):
+    from pbrealms.service import PBServerFactory
+    from pbrealms.tap import wireSecurity
+
+    broker = PBServerFactory(harness.makeRoot("cache"), wireSecurity()).buildProtocol(PEER)
+    transport = StringTransport(peerAddress=PEER)
+    broker.makeConnection(transport)
+    broker.dataReceived(stream)
+    assert transport.disconnected
+    broker.connectionLost(protocol.connectionDone)
+    assert [m for m in log.messages() if "closed the connection" in m] == [
+        f"closed the connection from 192.0.2.7:4242: {reason}"
+    ]
+    assert not log.errors()
+
+
+def test_did_not_understand_is_not_logged(harness, log):
+    from pbrealms.service import PBServerFactory
+    from pbrealms.tap import wireSecurity
+
+    broker = PBServerFactory(harness.makeRoot("cache"), wireSecurity()).buildProtocol(PEER)
+    transport = StringTransport(peerAddress=PEER)
+    broker.makeConnection(transport)
+    before = len(log)
+    broker.dataReceived(encode(b"pb") + encode([b"didNotUnderstand", b"x" * 1000]) * 20)
+    assert not transport.disconnected
+    assert len(log) == before
+    broker.connectionLost(protocol.connectionDone)

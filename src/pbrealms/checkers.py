@@ -124,21 +124,50 @@ class PasswordHasher:
     so that the reactor stays responsive while hashes are computed.
     """
 
-    def __init__(self, threads: int = 4) -> None:
+    def __init__(self, threads: int = 4, maxPending: int = 32) -> None:
         self.threads = threads
+        self.maxPending = maxPending
+        self.pending = 0
         self._pool: ThreadPool | None = None
 
     def check(self, password: bytes, hashed: bytes) -> defer.Deferred[bool]:
         """
-        @return: a L{Deferred} firing with whether C{password} matches.
+        @return: a L{Deferred} firing with whether C{password} matches; with
+            C{False} at once when C{maxPending} checks are already waiting, so
+            that a burst of logins cannot queue up hours of hashing.
         """
         from twisted.internet import reactor
 
+        if self.pending >= self.maxPending:
+            return defer.succeed(False)
         if self._pool is None:
             self._pool = ThreadPool(0, self.threads, name="pbrealms-bcrypt")
             self._pool.start()
-            reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
-        return threads.deferToThreadPool(reactor, self._pool, bcrypt.checkpw, password, hashed)
+            reactor.addSystemEventTrigger("during", "shutdown", self.stop)
+        self.pending += 1
+        d = threads.deferToThreadPool(reactor, self._pool, _checkpw, password, hashed)
+        return d.addBoth(self._done)
+
+    def _done(self, result: object) -> object:
+        self.pending -= 1
+        return result
+
+    def stop(self) -> None:
+        """
+        Stop the threads (they start again on the next check).
+        """
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+
+
+def _checkpw(password: bytes, hashed: bytes) -> bool:
+    # bcrypt reads at most 72 bytes, and bcrypt 5 refuses more: such a
+    # password never matches, after the same work as any other.
+    if len(password) > 72:
+        bcrypt.checkpw(password[:72], hashed)
+        return False
+    return bcrypt.checkpw(password, hashed)
 
 
 @implementer(ICredentialsChecker)

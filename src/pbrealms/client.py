@@ -21,7 +21,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, endpoints, error, ssl, task
 from twisted.internet.address import UNIXAddress
-from twisted.internet.interfaces import IReactorCore, IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.spread import pb
@@ -68,18 +68,20 @@ def _ignore(_: object) -> None:
 
 def isPrivate(transport) -> bool:
     """
-    Whether only the server can read what is sent on C{transport}: TLS, a
-    UNIX socket, or loopback.
+    Whether only the server can read what is sent on C{transport}: a UNIX
+    socket, or loopback.  (TLS counts only if its certificate was checked,
+    which the transport cannot tell: the caller says so.)
     """
-    if ISSLTransport.providedBy(transport):
-        return True
     peer = transport.getPeer()
     if isinstance(peer, UNIXAddress):
         return True
     try:
-        return ipaddress.ip_address(getattr(peer, "host", "")).is_loopback
+        address = ipaddress.ip_address(getattr(peer, "host", ""))
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 class ClientMind(pb.Referenceable):
@@ -121,8 +123,10 @@ async def connect(
     @param timeout: seconds that connecting and logging in may take together.
     @param sendPassword: log in by sending the password itself (which is
         what a user whose entry is a bcrypt hash needs), rather than with
-        PB's challenge; by default, exactly when the connection is TLS,
-        loopback or a UNIX socket, where pbrealms accepts it.
+        PB's challenge.  By default, exactly when the connection is loopback
+        or a UNIX socket; pass C{True} for a TLS connection whose certificate
+        you verify (as C{pbrealms-client --tls} does), never for one you
+        do not.
     @raise pbrealms.errors.LoginRefused: if the server refuses the login; it
         is also an L{UnauthorizedLogin}, and its subclasses
         L{pbrealms.errors.BadCredentials} and L{TooManyConnections} tell why.
@@ -350,6 +354,7 @@ async def run(reactor: IReactorCore, options: ClientOptions, out=sys.stdout) -> 
             options["password"],
             mind,
             options["timeout"],
+            sendPassword=True if options["tls"] else None,
         )
     except Exception:
         raise explain(Failure(), options["connect"], options["timeout"]) from None

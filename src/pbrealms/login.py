@@ -37,7 +37,7 @@ from pbrealms.errors import (
     TooManyConnections,
     dispatch,
 )
-from pbrealms.guard import SourcePenalties
+from pbrealms.guard import SourcePenalties, sourceOf
 from pbrealms.sessions import Session, SessionRegistry
 
 _log = Logger()
@@ -74,7 +74,7 @@ def _isPrivate(transport) -> bool:
     if isinstance(address, UNIXAddress):
         return True
     try:
-        return ipaddress.ip_address(getattr(address, "host", "")).is_loopback
+        return ipaddress.ip_address(sourceOf(address)).is_loopback
     except ValueError:
         return False
 
@@ -165,6 +165,7 @@ class _LoginGate(_RemoteObject):
         self.broker = broker
         self.failures = 0
         self.loggedIn = False
+        self.checking = False
         self._host: str | None = None
         self._timeout = None
         if root.loginTimeout is not None:
@@ -194,6 +195,17 @@ class _LoginGate(_RemoteObject):
     def peer(self) -> str:
         return describeAddress(self.broker.transport.getPeer())
 
+    def begin(self) -> None:
+        """
+        A login starts.  One at a time: a login sent while another is being
+        checked counts as a failed one, so that pipelined guesses cannot
+        outrun C{maxAuthTries} or queue up password checks.
+        """
+        if self.checking:
+            self.failed()
+            raise LoginRefused("one login at a time on a connection")
+        self.checking = True
+
     def succeeded(self) -> None:
         self.loggedIn = True
         self._authenticated()
@@ -207,15 +219,19 @@ class _LoginGate(_RemoteObject):
         self.failures += 1
         penalties = self.root.penalties
         if penalties is not None:
-            penalties.failed(getattr(self.broker.transport.getPeer(), "host", ""))
+            penalties.failed(sourceOf(self.broker.transport.getPeer()))
         limit = self.root.maxAuthTries
-        if limit is not None and self.failures >= limit and not self.broker.disconnected:
+        if limit is not None and self.failures == limit and not self.broker.disconnected:
             _log.info(
                 "closing the connection from {peer}: {count} failed logins",
                 peer=self.peer,
                 count=self.failures,
             )
-            # After the refusal has been written.
+            # Read nothing more (guesses already received included), and close
+            # once the refusal has been written.
+            ignoreInput = getattr(self.broker, "ignoreInput", None)
+            if ignoreInput is not None:
+                ignoreInput()
             self.root.registry.clock.callLater(0, self.broker.transport.loseConnection)
 
     def _timedOut(self) -> None:
@@ -307,10 +323,16 @@ class _Login:
         self.started = self.root.registry.clock.seconds()
 
     def run(self, credentials: _Challenger, mind: object) -> defer.Deferred:
+        self.gate.begin()
         d = defer.maybeDeferred(self.root.checker.requestAvatarId, credentials)
+        d.addBoth(self._checked)
         d.addCallback(self._open, mind)
         d.addErrback(self._refused)
         return d
+
+    def _checked(self, result: object) -> object:
+        self.gate.checking = False
+        return result
 
     def _open(self, avatarId: bytes | str, mind: object) -> defer.Deferred:
         if self.broker.disconnected:

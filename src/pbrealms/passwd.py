@@ -35,8 +35,10 @@ class PasswdOptions(usage.Options):
     ]
 
     def parseArgs(self, path: str, user: str) -> None:
-        if not user or any(c.isspace() or c == ":" for c in user):
-            raise usage.UsageError(f"user name {user!r} is empty or has a space or ':'")
+        if not user or user.startswith("#") or any(c.isspace() or c == ":" for c in user):
+            raise usage.UsageError(
+                f"user name {user!r} is empty, starts with '#' or has a space or ':'"
+            )
         self["path"], self["user"] = Path(path), user
 
     def postOptions(self) -> None:
@@ -57,6 +59,10 @@ def readPassword() -> str:
             raise SystemExit("pbrealms-passwd: the passwords differ; nothing changed")
     if not password:
         raise SystemExit("pbrealms-passwd: the password is empty; nothing changed")
+    if len(password.encode("utf-8")) > 72:
+        raise SystemExit(
+            "pbrealms-passwd: bcrypt reads at most 72 bytes of a password; nothing changed"
+        )
     return password
 
 

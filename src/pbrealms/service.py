@@ -16,6 +16,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.spread import pb
 
+from pbrealms.guard import sourceOf
 from pbrealms.login import LoginRoot, describeAddress
 from pbrealms.notify import notify
 from pbrealms.push import push
@@ -53,7 +54,7 @@ class PBServerFactory(pb.PBServerFactory):
 
     def buildProtocol(self, addr) -> pb.Broker | None:
         # Returning None closes the connection as it is accepted.
-        host = getattr(addr, "host", "")
+        host = sourceOf(addr)
         if self.maxConnections is not None and len(self.brokers) >= self.maxConnections:
             return None
         if not self.root.admits(host):

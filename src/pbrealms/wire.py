@@ -125,6 +125,29 @@ class LimitedBroker(pb.Broker):
         target = self.localObjectForID(objectID)
         return None if target is None else _Unanswered(target)
 
+    def ignoreInput(self) -> None:
+        """
+        Decode nothing more from this connection, even what has arrived.
+        """
+        self._refused = True
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+
+    def proto_cachemessage(self, *args) -> None:
+        # pbrealms has no Cacheable: a client's cache message is never valid,
+        # and PB would log a traceback for each one.
+        raise WireError("a message to a cached object")
+
+    def proto_didNotUnderstand(self, command) -> None:
+        # PB logs each of these with the peer's text: a way to flood the log.
+        pass
+
+    def callExpressionReceived(self, obj) -> None:
+        if self.currentDialect is None and obj not in self.knownDialects:
+            raise WireError("no dialect that PB speaks")
+        super().callExpressionReceived(obj)
+
     def refuse(self, reason: str) -> None:
         """
         Abort the connection, logging why in one line.
