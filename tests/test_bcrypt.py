@@ -252,3 +252,23 @@ async def test_the_hash_queue_is_bounded():
     assert [await c for c in checks] == [True, True, False]
     assert hasher.pending == 0
     hasher.stop()
+
+
+def test_the_dummy_hash_has_the_files_cost(hashedPasswd):
+    checker = PasswordFile(str(hashedPasswd))  # its hashes have cost 4
+    assert checker._dummy.startswith(b"$2b$04$")
+
+
+def test_pbrealms_passwd_keeps_other_lines_and_the_files_mode(tmp_path):
+    import os
+
+    path = tmp_path / "users.passwd"
+    path.write_bytes("erin:pa\u2028ss\nfrank:a\x0cb\nalice:wonderland\n".encode())
+    path.chmod(0o640)
+    result = runPasswd("--rounds", "4", str(path), "alice", stdin="n3w\n")
+    assert result.returncode == 0, result.stderr
+    lines = path.read_bytes().split(b"\n")
+    assert lines[:2] == ["erin:pa\u2028ss".encode(), b"frank:a\x0cb"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert path.stat().st_uid == os.getuid()
+    assert runPasswd(str(path), "#eve", stdin="x\n").returncode == 2

@@ -321,3 +321,19 @@ def test_ipv4_clients_of_a_dual_stack_socket_are_seen_as_ipv4():
     assert sourceOf(IPv6Address("TCP", "2001:db8::1", 5)) == "2001:db8::1"
     penalties = SourcePenalties(task.Clock(), exempt=parseNetworks("127.0.0.0/8"))
     assert penalties.isExempt(sourceOf(IPv6Address("TCP", "::ffff:127.0.0.60", 5)))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_client_hears_so_at_once(guarded, reactor):
+    from twisted.internet import error
+
+    from pbrealms.client import connect
+
+    serve, _, penalties = guarded
+    served = await serve()
+    for _ in range(3):
+        penalties.failed("127.0.0.1")
+    started = reactor.seconds()
+    with pytest.raises(error.ConnectError, match="closed the connection"):
+        await connect(reactor, served.endpoint, "alice", "wonderland", timeout=5)
+    assert reactor.seconds() - started < 1

@@ -448,3 +448,16 @@ def test_did_not_understand_is_not_logged(harness, log):
     assert not transport.disconnected
     assert len(log) == before
     broker.connectionLost(protocol.connectionDone)
+
+
+def test_small_items_count_what_they_cost_in_memory():
+    # An unfinished list of empty lists: one byte each on the wire, some
+    # sixty in memory. It is cut off long before 1 MiB of them arrive.
+    broker, transport = connected()
+    broker.dataReceived(header(600_000, b"\x80"))
+    for _ in range(20):
+        broker.dataReceived(b"\x00\x80" * 4096)
+        if transport.disconnected:
+            break
+    assert transport.disconnected
+    assert len(broker.listStack) <= 1 and len(broker.listStack[0][1]) < MAX_MESSAGE_BYTES // 60

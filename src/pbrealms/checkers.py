@@ -13,6 +13,7 @@ import hmac
 import os
 import re
 import stat
+from collections import Counter
 from pathlib import Path
 
 import bcrypt
@@ -206,12 +207,21 @@ class PasswordFile:
         """
         return sorted(name.decode("utf-8") for name in self._users)
 
+    _dummy = DUMMY_HASH
+
     def _load(self) -> dict[bytes, bytes]:
         if self._strictModes:
             warning = checkPermissions(self.path)
             if warning:
                 self._log.warn("{warning}", warning=warning)
-        return parsePasswords(self.path)
+        users = parsePasswords(self.path)
+        # Unknown users are checked against a hash of the file's usual cost,
+        # so that they take as long as its users.
+        costs = Counter(int(p[4:6]) for p in users.values() if isHashed(p))
+        cost = costs.most_common(1)[0][0] if costs else 12
+        if int(self._dummy[4:6]) != cost:
+            self._dummy = bcrypt.hashpw(b"no such user: never matches", bcrypt.gensalt(cost))
+        return users
 
     def reloadIfChanged(self) -> bool:
         """
@@ -260,7 +270,7 @@ class PasswordFile:
             if isinstance(given, str):
                 given = given.encode("utf-8")
             if password is None or isHashed(password):
-                checked = self.hasher.check(given, password or DUMMY_HASH)
+                checked = self.hasher.check(given, password or self._dummy)
                 return checked.addCallback(self._verdict, username, password)
             matched: object = hmac.compare_digest(given, password)
         elif password is not None and isHashed(password):

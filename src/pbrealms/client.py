@@ -138,6 +138,20 @@ async def connect(
 
     async def attempt() -> pb.RemoteReference:
         broker = await endpoint.connect(factory)
+        loggingIn = defer.ensureDeferred(logIn(broker))
+        outcome: defer.Deferred = defer.Deferred()
+        loggingIn.addBoth(lambda result: outcome.called or outcome.callback(result))
+
+        def closed() -> None:
+            # PB's factory would wait for its root object for ever.
+            if not outcome.called:
+                reason = error.ConnectError(string="the server closed the connection")
+                outcome.errback(reason)
+
+        broker.notifyOnDisconnect(closed)
+        return await outcome
+
+    async def logIn(broker: pb.Broker) -> pb.RemoteReference:
         name, secret = user.encode("utf-8"), password.encode("utf-8")
         if sendPassword if sendPassword is not None else isPrivate(broker.transport):
             root = await factory.getRootObject()

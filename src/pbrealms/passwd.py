@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -69,23 +70,36 @@ def readPassword() -> str:
 def setPassword(path: Path, user: str, hashed: str) -> bool:
     """
     Put C{user:hashed} in the file at C{path}, in place of the user's line
-    if there is one; keep every other line.  Write it atomically, mode 0600.
+    if there is one; keep every other line as it is.  Write it atomically: a
+    new file gets mode 0600, an existing one keeps its owner, group and mode
+    (less any write access for group and others).
 
     @return: whether the user was there already.
     """
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    entry = f"{user}:{hashed}"
+    # Lines as the server reads them: split on newlines only.
+    data = path.read_bytes() if path.exists() else b""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    entry = f"{user}:{hashed}".encode()
     found = False
     for i, line in enumerate(lines):
-        if not line.lstrip().startswith("#") and line.partition(":")[0] == user:
+        if not line.lstrip().startswith(b"#") and line.rstrip(b"\r").partition(b":")[0] == (
+            user.encode()
+        ):
             lines[i], found = entry, True
     if not found:
         lines.append(entry)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+        if data or path.exists():
+            st = path.stat()
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o022)
+            if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+                os.fchown(fd, st.st_uid, st.st_gid)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\n".join(lines) + b"\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
@@ -111,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     hashed = bcrypt.hashpw(password.encode("utf-8"), bcrypt.gensalt(options["rounds"]))
     try:
         updated = setPassword(options["path"], options["user"], hashed.decode("ascii"))
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise SystemExit(f"pbrealms-passwd: cannot write {options['path']}: {e}") from None
     done = "changed the password of" if updated else "added"
     print(f"pbrealms-passwd: {done} {options['user']} in {options['path']}")

@@ -25,6 +25,9 @@ MAX_DEPTH = 64
 READ_BUDGET = 4 * 1024
 
 _LIST, _INT, _STRING, _NEG, _FLOAT, _LONGINT, _LONGNEG, _VOCAB = range(0x80, 0x88)
+#: What a decoded list and a decoded number cost at least, in bytes of memory.
+_LIST_COST = 64
+_ITEM_COST = 16
 
 _log = Logger()
 _NOTHING = object()
@@ -206,19 +209,19 @@ class LimitedBroker(pb.Broker):
                     raise WireError(f"a list of {num} items")
                 if len(listStack) >= self.maxDepth:
                     raise WireError(f"a message nested deeper than {self.maxDepth} lists")
-                self._admit(pos - start)
+                self._admit(_LIST_COST)
                 listStack.append((num, []))
             elif kind in (_INT, _LONGINT, _NEG, _LONGNEG):
-                self._admit(pos - start)
+                self._admit(_ITEM_COST)
                 item = -num if kind in (_NEG, _LONGNEG) else num
             elif kind == _VOCAB:
-                self._admit(pos - start)
+                self._admit(_ITEM_COST)
                 if self.currentDialect != b"pb" or num not in self.incomingVocabulary:
                     raise WireError(f"unknown vocabulary word {num}")
                 item = self.incomingVocabulary[num]
             else:
                 raise WireError(f"unknown type byte {kind:#04x}")
-            self._messageBytes += pos - start
+            self._messageBytes += self._cost
             if item is not _NOTHING:
                 self.gotItem(item)
             while listStack and len(listStack[-1][1]) == listStack[-1][0]:
@@ -230,7 +233,10 @@ class LimitedBroker(pb.Broker):
     def _admit(self, size: int) -> None:
         """
         Refuse an item of C{size} bytes if the message would grow too large,
-        even before all of the item has arrived.
+        even before all of the item has arrived.  An item counts at least
+        what it costs in memory once decoded, not only its few bytes on the
+        wire: an empty list is one byte there, and some sixty in Python.
         """
+        self._cost = size
         if self._messageBytes + size > self.maxMessageBytes:
             raise WireError(f"a message larger than {self.maxMessageBytes} bytes")
