@@ -6,6 +6,7 @@ the system tools around them.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,3 +48,32 @@ def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
     process.wait()
+
+
+def tool(name: str) -> str:
+    """
+    The path of a system command; the test is skipped without it.
+    """
+    import pytest
+
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def childrenOf(pid: int) -> list[int]:
+    """
+    The processes whose parent is C{pid}.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # The command name, in parentheses, may hold spaces.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import environment, stop, waitFor
+from processes import childrenOf, environment, stop, tool, waitFor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTAINERFILE = ROOT / "config" / "Containerfile"
@@ -145,20 +145,6 @@ def waitForLine(process: subprocess.Popen, output: Path, pattern: re.Pattern) ->
     return pattern.search(output.read_text(errors="replace"))
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # The command name, in parentheses, may hold spaces.
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def client(endpoint: str, password: Path, *command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [CLIENT, "--connect", endpoint, "--user", "alice", "--password-file", str(password),
@@ -194,9 +180,7 @@ def tini() -> str:
 
 @pytest.fixture
 def unshare() -> str:
-    found = shutil.which("unshare")
-    if found is None:
-        pytest.skip("unshare is not installed")
+    found = tool("unshare")
     if os.geteuid() != 0:
         pytest.skip("a new PID namespace needs root")
     return found
@@ -242,11 +226,11 @@ def test_entrypoint_as_pid1(tini, unshare, tmp_path, pwfile, alicePassword):
         port = int(waitForLine(process, output, LISTENING).group(1))
         metrics = int(waitForLine(process, output, METRICS_LISTENING).group(1))
 
-        (pid1,) = children(process.pid)
+        (pid1,) = childrenOf(process.pid)
         procStatus = Path(f"/proc/{pid1}/status").read_text()
         assert re.search(r"^NSpid:\s+\d+\s+1$", procStatus, re.MULTILINE), procStatus
         assert Path(f"/proc/{pid1}/exe").resolve() == Path(tini).resolve()
-        (twistd,) = children(pid1)
+        (twistd,) = childrenOf(pid1)
         assert TWISTD in Path(f"/proc/{twistd}/cmdline").read_text().split("\0")[1]
 
         endpoint = f"tcp:127.0.0.1:{port}"

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import environment, waitFor
+from processes import environment, stop, waitFor
 
 #: The commands a user runs, from the virtualenv running the tests.
 BIN = Path(sys.executable).parent
@@ -76,9 +76,7 @@ class Server:
         return output
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
+        stop(self.process)
 
 
 @pytest.fixture
@@ -267,9 +265,7 @@ def test_clock_and_sigterm_with_a_session_open(serve, alicePassword, tmp_path):
         assert listener.wait(STOP_TIMEOUT) == 1
         assert "the server stopped: the server is shutting down" in oneLine(errors.read_text())
     finally:
-        if listener.poll() is None:
-            listener.kill()
-        listener.wait()
+        stop(listener)
 
 
 def test_bad_option_exits_with_one_line(tmp_path):
@@ -370,5 +366,4 @@ def test_graceful_shutdown_waits_the_grace_period_at_most(serve, sig, tmp_path):
         assert output.count("alice disconnected") == 1
         assert "shutting down: telling 1 session, waiting up to 1 s for answers" in output
     finally:
-        silent.kill()
-        silent.wait()
+        stop(silent)

@@ -315,7 +315,7 @@ async def test_pipelined_guesses_cannot_outrun_the_tries(guarded, reactor):
 def test_ipv4_clients_of_a_dual_stack_socket_are_seen_as_ipv4():
     from twisted.internet.address import IPv6Address
 
-    from pbrealms.guard import sourceOf
+    from pbrealms.addresses import sourceOf
 
     assert sourceOf(IPv6Address("TCP", "::ffff:127.0.0.1", 5)) == "127.0.0.1"
     assert sourceOf(IPv6Address("TCP", "2001:db8::1", 5)) == "2001:db8::1"

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import environment, stop, waitFor
+from processes import childrenOf, environment, stop, tool, waitFor
 
 from pbrealms.tap import DEFAULT_GRACE
 
@@ -106,10 +106,7 @@ def assertStoppedCleanly(process: subprocess.Popen, output: Path, within: float)
 
 @pytest.fixture
 def analyze() -> str:
-    found = shutil.which("systemd-analyze")
-    if found is None:
-        pytest.skip("systemd-analyze is not installed")
-    return found
+    return tool("systemd-analyze")
 
 
 def unitRoot(base: Path, withTwistd: bool = True) -> Path:
@@ -202,10 +199,7 @@ def test_units_agree():
 
 @pytest.fixture
 def socketActivate() -> str:
-    found = shutil.which("systemd-socket-activate")
-    if found is None:
-        pytest.skip("systemd-socket-activate is not installed")
-    return found
+    return tool("systemd-socket-activate")
 
 
 def unitCommand(credentials: Path) -> list[str]:
@@ -477,20 +471,6 @@ def filterGroup(analyze: str, group: str, seen: set[str] | None = None) -> set[s
     return names
 
 
-def childrenOf(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # The command name, in parentheses, may hold spaces.
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def serviceFilter(analyze: str) -> set[str]:
     """
     The system calls that the service's SystemCallFilter= lines allow.
@@ -514,9 +494,7 @@ def test_system_calls_within_the_service_filter(
     and the password file's checks, and while stopping, is one that the
     service's SystemCallFilter= allows.
     """
-    strace = shutil.which("strace")
-    if strace is None:
-        pytest.skip("strace is not installed")
+    strace = tool("strace")
     allowed = serviceFilter(analyze)
     assert "execve" in allowed and "reboot" not in allowed and "setuid" not in allowed
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

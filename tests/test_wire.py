@@ -16,6 +16,7 @@ import pytest_twisted
 from conftest import USERS, eventually
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from processes import stop
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
@@ -389,8 +390,7 @@ async def test_a_flood_does_not_starve_a_canary(harness, reactor):
         assert flooding, "the flood was over before the canary logged in"
         await eventually(reactor, lambda: broker.disconnected, timeout=30)
     finally:
-        flooder.kill()
-        flooder.wait()
+        stop(flooder)
 
 
 def test_the_factory_sets_each_brokers_limits(harness, log):

@@ -9,7 +9,6 @@ The client library and the C{pbrealms-client} command.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import sys
@@ -20,12 +19,12 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, endpoints, error, ssl, task
-from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
+from pbrealms.addresses import isLocal
 from pbrealms.errors import TooManyConnections, localize
 
 DEFAULT_CONNECT = "tcp:127.0.0.1:8787"
@@ -72,16 +71,7 @@ def isPrivate(transport) -> bool:
     socket, or loopback.  (TLS counts only if its certificate was checked,
     which the transport cannot tell: the caller says so.)
     """
-    peer = transport.getPeer()
-    if isinstance(peer, UNIXAddress):
-        return True
-    try:
-        address = ipaddress.ip_address(getattr(peer, "host", ""))
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    return isLocal(transport.getPeer())
 
 
 class ClientMind(pb.Referenceable):

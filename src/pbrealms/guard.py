@@ -20,24 +20,6 @@ _log = Logger()
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def sourceOf(address: object) -> str:
-    """
-    The source address of a connection, as text; an IPv4 client of a
-    dual-stack IPv6 socket (C{::ffff:127.0.0.1}) as the IPv4 address it is,
-    and C{""} for a UNIX socket.
-    """
-    host = getattr(address, "host", "")
-    if not isinstance(host, str):
-        return ""
-    try:
-        mapped = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
-        return str(mapped.ipv4_mapped)
-    return host
-
-
 def parseNetworks(text: str) -> list[Network]:
     """
     Parse a comma-separated list of addresses and networks

@@ -13,22 +13,20 @@ PB's login internals.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import secrets
-from hashlib import md5
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
+from pbrealms.addresses import describeAddress, isLocal, sourceOf
 from pbrealms.errors import (
     BadCredentials,
     InsecureLogin,
@@ -37,7 +35,7 @@ from pbrealms.errors import (
     TooManyConnections,
     dispatch,
 )
-from pbrealms.guard import SourcePenalties, sourceOf
+from pbrealms.guard import SourcePenalties
 from pbrealms.sessions import Session, SessionRegistry
 
 _log = Logger()
@@ -49,34 +47,12 @@ class _ConnectionGone(Exception):
     """
 
 
-def describeAddress(address: object) -> str:
-    """
-    An address as a person reads it: C{host:port}, C{[v6]:port}, C{unix:path}.
-    """
-    if isinstance(address, IPv4Address):
-        return f"{address.host}:{address.port}"
-    if isinstance(address, IPv6Address):
-        return f"[{address.host}]:{address.port}"
-    if isinstance(address, UNIXAddress):
-        name = address.name
-        return "unix:" + (name.decode() if isinstance(name, bytes) else str(name or "-"))
-    return str(address)
-
-
 def _isPrivate(transport) -> bool:
     """
     Whether what is sent on C{transport} is for the server's eyes only: TLS,
     a UNIX socket, or loopback.
     """
-    if ISSLTransport.providedBy(transport):
-        return True
-    address = transport.getHost()
-    if isinstance(address, UNIXAddress):
-        return True
-    try:
-        return ipaddress.ip_address(sourceOf(address)).is_loopback
-    except ValueError:
-        return False
+    return ISSLTransport.providedBy(transport) or isLocal(transport.getHost())
 
 
 def _printable(name: object) -> str:
@@ -164,7 +140,6 @@ class _LoginGate(_RemoteObject):
         self.root = root
         self.broker = broker
         self.failures = 0
-        self.loggedIn = False
         self.checking = False
         self._host: str | None = None
         self._timeout = None
@@ -207,7 +182,6 @@ class _LoginGate(_RemoteObject):
         self.checking = True
 
     def succeeded(self) -> None:
-        self.loggedIn = True
         self._authenticated()
         self._stopTimer()
 
@@ -235,8 +209,8 @@ class _LoginGate(_RemoteObject):
             self.root.registry.clock.callLater(0, self.broker.transport.loseConnection)
 
     def _timedOut(self) -> None:
-        self._timeout = None
-        if not self.loggedIn and not self.broker.disconnected:
+        self._timeout = None  # stopped on a login: this one has none
+        if not self.broker.disconnected:
             _log.info(
                 "closing the connection from {peer}: no login within {seconds:g} s",
                 peer=self.peer,
@@ -292,8 +266,7 @@ class _Challenger(_RemoteObject):
         self.used = False
 
     def checkPassword(self, password: bytes) -> bool:
-        expected = md5(md5(password).digest() + self.challenge).digest()
-        return hmac.compare_digest(expected, self.response)
+        return hmac.compare_digest(pb.respond(self.challenge, password), self.response)
 
     def remote_respond(self, response: bytes, mind: object) -> defer.Deferred:
         # One answer per challenge: more would be free guesses, or several
@@ -316,9 +289,9 @@ class _Login:
     def __init__(self, gate: _LoginGate, username: bytes) -> None:
         self.gate = gate
         self.root = gate.root
-        self.broker = broker = gate.broker
+        self.broker = gate.broker
         self.username = username
-        self.peer = describeAddress(broker.transport.getPeer())
+        self.peer = gate.peer
         self.metrics = self.root.registry.metrics
         self.started = self.root.registry.clock.seconds()
 

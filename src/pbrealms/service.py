@@ -16,8 +16,8 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.spread import pb
 
-from pbrealms.guard import sourceOf
-from pbrealms.login import LoginRoot, describeAddress
+from pbrealms.addresses import describeAddress, sourceOf
+from pbrealms.login import LoginRoot
 from pbrealms.notify import notify
 from pbrealms.push import push
 from pbrealms.sessions import SessionRegistry

@@ -18,6 +18,8 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.spread import pb
 
+from pbrealms.addresses import describeAddress
+
 #: The defaults: the most bytes one incoming message may have, and how deep
 #: its lists may nest.
 MAX_MESSAGE_BYTES = 1 << 20
@@ -112,9 +114,7 @@ class LimitedBroker(pb.Broker):
             self.transport.resumeProducing()
 
     def connectionLost(self, reason) -> None:
-        if self._next is not None:
-            self._next.cancel()
-            self._next = None
+        self.ignoreInput()
         super().connectionLost(reason)
 
     def proto_message(self, requestID, objectID, message, answerRequired, netArgs, netKw):
@@ -155,10 +155,9 @@ class LimitedBroker(pb.Broker):
         """
         Abort the connection, logging why in one line.
         """
-        self._refused = True
-        peer = self.transport.getPeer()
-        where = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
-        _log.info("closed the connection from {peer}: {reason}", peer=where, reason=reason)
+        self.ignoreInput()
+        peer = describeAddress(self.transport.getPeer())
+        _log.info("closed the connection from {peer}: {reason}", peer=peer, reason=reason)
         self.transport.abortConnection()
 
     def _decode(self, buf: bytearray, budget: int) -> int:
