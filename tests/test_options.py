@@ -109,7 +109,7 @@ def test_max_not_a_number(capsys):
     assert "'abc'" in line
 
 
-@pytest.mark.parametrize("realm", sorted(set(REALMS) - {"limited"}))
+@pytest.mark.parametrize("realm", sorted(set(REALMS) - {"limited", "sessions"}))
 def test_max_with_another_realm(capsys, realm):
     line = refused(capsys, "--realm", realm, "--max", "2")
     assert "--max" in line
@@ -454,6 +454,7 @@ def test_makeService_with_passwd(capsys, tmp_path):
     assert not server.running
     assert [child.name for child in server] == [
         "password-file-watcher",
+        "keepalive",
         "graceful-shutdown",
         "pb-listener",
     ]
@@ -473,14 +474,14 @@ def test_makeService_with_passwd(capsys, tmp_path):
 def test_makeService_with_demo_users(capsys, log):
     server = makeService(parse(capsys, "--port", LOOPBACK))
     assert server.name == "pbrealms"
-    assert [child.name for child in server] == ["graceful-shutdown", "pb-listener"]
+    assert [child.name for child in server] == ["keepalive", "graceful-shutdown", "pb-listener"]
     assert any("demo users" in m for m in log.messages()), log.messages()
 
 
 def test_makeService_with_auth(capsys, tmp_path):
     path = writePasswd(tmp_path / "users", "alice:wonderland\n")
     server = makeService(parse(capsys, "--auth", f"file:{path}", "--port", LOOPBACK))
-    assert [child.name for child in server] == ["graceful-shutdown", "pb-listener"]
+    assert [child.name for child in server] == ["keepalive", "graceful-shutdown", "pb-listener"]
 
 
 @pytest.mark.parametrize("realm", sorted(REALMS))

@@ -12,7 +12,8 @@ from pbrealms.errors import dispatch
 from pbrealms.push import PeriodicPush, validatePeriod
 
 if TYPE_CHECKING:
-    from pbrealms.realms import Realm
+    from pbrealms.realms import Realm, SessionsRealm
+    from pbrealms.sessions import Session
 
 
 class Greeter:
@@ -45,6 +46,13 @@ class Avatar(pb.Avatar):
 
     def perspectiveMessageReceived(self, broker, message, args, kw):
         return dispatch(broker, self, "perspective_", message, args, kw, self)
+
+    def sessionMessageReceived(self, session: Session, broker, message, args, kw):
+        """
+        Answer a remote call made in C{session}.  Only avatars shared by
+        sessions that need to know which one calls look at it.
+        """
+        return self.perspectiveMessageReceived(broker, message, args, kw)
 
     def perspective_greet(self) -> str:
         """
@@ -104,3 +112,47 @@ class ClockAvatar(SessionAvatar):
 
     def logout(self) -> None:
         self.ticker.stop()
+
+
+class SessionsAvatar(Avatar):
+    """
+    A user's one avatar in the sessions realm, shared by all the user's
+    sessions, and aware of which one calls: its methods get the caller's
+    L{Session} first.
+    """
+
+    realm: SessionsRealm
+
+    def sessionMessageReceived(self, session: Session, broker, message, args, kw):
+        return dispatch(broker, self, "perspective_", message, args, kw, self, bound=(session,))
+
+    @property
+    def sessions(self) -> list[Session]:
+        """
+        The user's current sessions, oldest first.
+        """
+        return [s for s in self.realm.registry.sessionsOf(self.greeter.user) if s.active]
+
+    def perspective_greet(self, caller: Session) -> str:
+        """
+        Greet, as in C{cache}, and push C{notifyGreeting(text)} to the user's
+        other sessions.
+        """
+        text = self.greeter.greet()
+        self.realm.tellOthers(caller, "notifyGreeting", text)
+        return text
+
+    def perspective_status(self, caller: Session) -> dict[str, Any]:
+        return self.realm.describe(self.greeter.user)
+
+    def perspective_sessions(self, caller: Session) -> list[dict[str, Any]]:
+        """
+        @return: the user's sessions, oldest first: C{id}, C{peer}, C{since}
+            (seconds since the epoch), C{idle} (seconds since its last call)
+            and C{current} (whether it is the caller's).
+        """
+        now = self.realm.clock.seconds()
+        return [
+            {**s.info(), "idle": round(now - s.lastCall, 3), "current": s is caller}
+            for s in self.sessions
+        ]

@@ -88,6 +88,16 @@ class InvalidPeriod(pb.Error):
     """
 
 
+class SessionEnded(pb.Error):
+    """
+    The session this reference belongs to has ended (it was replaced, or
+    dropped by the keepalive); log in again.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("this session has ended; log in again")
+
+
 class UnknownMethod(pb.Error):
     """
     There is no remote method of that name.
@@ -108,6 +118,7 @@ def dispatch(
     args: object,
     kw: object,
     perspective: object = None,
+    bound: tuple = (),
 ) -> object:
     """
     Answer a remote call: unserialize the arguments, call C{target}'s method
@@ -116,6 +127,8 @@ def dispatch(
     PB answers an unknown method, arguments that do not fit, or arguments of
     a refused type with an untyped error and a traceback in the server log;
     this answers with L{UnknownMethod} or L{BadArguments} and logs nothing.
+
+    @param bound: passed to the method before the client's arguments.
     """
     if isinstance(message, bytes):
         message = message.decode("utf-8", "replace")
@@ -132,7 +145,7 @@ def dispatch(
     if not isinstance(args, (list, tuple)) or not isinstance(kw, dict):
         raise BadArguments(f"{message}: arguments that cannot be decoded")
     try:
-        result = method(*args, **kw)
+        result = method(*bound, *args, **kw)
     except TypeError as e:
         # Raised by the call itself (not from inside the method): the
         # arguments do not fit the signature.
@@ -153,6 +166,7 @@ _WIRE_ERRORS: tuple[type[pb.Error], ...] = (
     LoginRefused,
     LoginFailed,
     InvalidPeriod,
+    SessionEnded,
     UnknownMethod,
     BadArguments,
 )

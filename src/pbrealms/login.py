@@ -32,19 +32,19 @@ from pbrealms.errors import (
     InsecureLogin,
     LoginFailed,
     LoginRefused,
+    SessionEnded,
     TooManyConnections,
     dispatch,
 )
 from pbrealms.guard import SourcePenalties
-from pbrealms.sessions import Session, SessionRegistry
+from pbrealms.sessions import ConnectionGone, Session, SessionRegistry
 
 _log = Logger()
 
-
-class _ConnectionGone(Exception):
-    """
-    The client disconnected before its login completed.
-    """
+# The name pings are sent to.  No client has an object of that name, so
+# every PB client answers at once with a "no such object" error, and logs
+# nothing: PB has no ping of its own, and this needs no client object.
+_PING = b"pbrealms.ping"
 
 
 def _isPrivate(transport) -> bool:
@@ -169,6 +169,29 @@ class _LoginGate(_RemoteObject):
     @property
     def peer(self) -> str:
         return describeAddress(self.broker.transport.getPeer())
+
+    @property
+    def connected(self) -> bool:
+        return not self.broker.disconnected
+
+    def ping(self, timeout: float | None = None) -> defer.Deferred[bool]:
+        """
+        Ask the client for any answer (see L{sessions.Connection.ping}).
+        """
+        if self.broker.disconnected:
+            return defer.succeed(False)
+        d = self.broker.remoteForName(_PING).callRemote("ping")
+        if timeout is not None:
+            d.addTimeout(timeout, self.root.registry.clock)
+        # An error is an answer too; only a lost connection or silence is not.
+        return d.addCallbacks(
+            lambda _: True,
+            lambda f: not f.check(pb.PBConnectionLost, pb.DeadReferenceError, defer.TimeoutError),
+        )
+
+    def drop(self) -> None:
+        if not self.broker.disconnected:
+            self.broker.transport.abortConnection()
 
     def begin(self) -> None:
         """
@@ -309,9 +332,12 @@ class _Login:
 
     def _open(self, avatarId: bytes | str, mind: object) -> defer.Deferred:
         if self.broker.disconnected:
-            raise _ConnectionGone()
+            raise ConnectionGone()
         user = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
-        session = self.root.registry.open(user, self.peer, mind)
+        d = self.root.registry.admit(user, self.peer, mind, self.gate)
+        return d.addCallback(self._requestAvatar, user, mind)
+
+    def _requestAvatar(self, session: Session, user: str, mind: object) -> defer.Deferred:
         d = defer.maybeDeferred(self.root.realm.requestAvatar, user, mind, pb.IPerspective)
         d.addCallbacks(
             self._attach, self._realmFailed, callbackArgs=(session,), errbackArgs=(session,)
@@ -328,7 +354,7 @@ class _Login:
         broker = self.broker
         if broker.disconnected:
             session.close("disconnected during login")
-            raise _ConnectionGone()
+            raise ConnectionGone()
         reference = _SessionReference(avatar, session, self.root.registry.clock)
         puid = reference.processUniqueID()
 
@@ -359,7 +385,7 @@ class _Login:
             self.gate.failed()
         user = _printable(self.username)
         realm = self.root.registry.realm
-        if reason.check(_ConnectionGone):
+        if reason.check(ConnectionGone):
             _log.info(
                 "login of {user!r} from {peer} abandoned: the client disconnected",
                 user=user,
@@ -396,7 +422,7 @@ def _outcome(reason: Failure, broker: pb.Broker) -> str:
     """
     The C{outcome} label of a login that did not succeed.
     """
-    if reason.check(_ConnectionGone) or broker.disconnected:
+    if reason.check(ConnectionGone) or broker.disconnected:
         return "abandoned"
     if reason.check(TooManyConnections):
         return "too_many"
@@ -422,5 +448,12 @@ class _SessionReference(pb.Referenceable):
         self.clock = clock
 
     def remoteMessageReceived(self, broker, message, args, kw):
-        self.session.lastCall = self.clock.seconds()
+        session = self.session
+        if session.closed:
+            raise SessionEnded()
+        session.lastCall = self.clock.seconds()
+        # Avatars shared by sessions may want to know which one calls.
+        receive = getattr(self.avatar, "sessionMessageReceived", None)
+        if receive is not None:
+            return receive(session, broker, message, args, kw)
         return self.avatar.perspectiveMessageReceived(broker, message, args, kw)

@@ -13,7 +13,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web import resource, server
 
 #: How a login can end, as the C{outcome} label of C{pbrealms_logins_total}.
-OUTCOMES = ("ok", "bad_credentials", "too_many", "kicked", "refused", "abandoned", "error")
+OUTCOMES = ("ok", "bad_credentials", "too_many", "refused", "abandoned", "error")
+
+#: Why the server ended a session, as the C{why} label of
+#: C{pbrealms_sessions_dropped_total}: replaced by a newer login, replaced as
+#: stale, gone silent on keepalive, or gone while being pushed to.
+DROPPED = ("replaced", "stale", "keepalive", "gone")
 
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _LONG = (1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600, 7 * 24 * 3600)
@@ -43,6 +48,14 @@ class ServerMetrics:
             buckets=_LONG,
             registry=r,
         )
+        self.dropped = Counter(
+            "pbrealms_sessions_dropped",
+            "Sessions the server ended, by why.",
+            ["why"],
+            registry=r,
+        )
+        for why in DROPPED:
+            self.dropped.labels(why)
         self.sessionsOpen = Gauge(
             "pbrealms_sessions_open", "Sessions open now, by realm.", ["realm"], registry=r
         )

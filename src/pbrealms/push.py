@@ -45,12 +45,17 @@ def validatePeriod(value: object) -> float:
 
 
 def push(
-    mind: pb.RemoteReference, method: str, *args: object, quiet: bool = False
+    mind: pb.RemoteReference,
+    method: str,
+    *args: object,
+    quiet: bool = False,
+    onGone: Callable[[], object] | None = None,
 ) -> defer.Deferred[bool]:
     """
     Call C{method} on a client's mind.
 
     @param quiet: log nothing when the client answers with an error.
+    @param onGone: called if the client has gone, instead of answering.
     @return: a L{Deferred} that fires with C{True} once the client answered,
         C{False} if the client is gone or answered with an error; it never
         fails, and nothing is raised synchronously.  A client that has gone
@@ -58,7 +63,7 @@ def push(
         that answers with an error is logged once, not on every push.
     """
     d = defer.maybeDeferred(mind.callRemote, method, *args)
-    d.addCallbacks(lambda _: True, _pushFailed, errbackArgs=(mind, method, quiet))
+    d.addCallbacks(lambda _: True, _pushFailed, errbackArgs=(mind, method, quiet, onGone))
     return d
 
 
@@ -66,8 +71,12 @@ def push(
 _complained: weakref.WeakSet = weakref.WeakSet()
 
 
-def _pushFailed(reason, mind: object, method: str, quiet: bool) -> bool:
+def _pushFailed(
+    reason, mind: object, method: str, quiet: bool, onGone: Callable[[], object] | None
+) -> bool:
     gone = reason.check(pb.DeadReferenceError, pb.PBConnectionLost, defer.CancelledError)
+    if gone and onGone is not None:
+        onGone()
     if not (gone or quiet or mind in _complained):
         _complained.add(mind)
         _log.warn(

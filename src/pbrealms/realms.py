@@ -14,10 +14,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.spread import pb
 from zope.interface import implementer
 
-from pbrealms.avatars import Avatar, ClockAvatar, Greeter, SessionAvatar
+from pbrealms.avatars import Avatar, ClockAvatar, Greeter, SessionAvatar, SessionsAvatar
 from pbrealms.errors import MindRequired
 from pbrealms.push import PeriodicPush, push
-from pbrealms.sessions import SessionRegistry
+from pbrealms.sessions import Session, SessionRegistry
 
 
 def _nothing() -> None:
@@ -142,7 +142,59 @@ class ClockRealm(Realm):
         return avatar
 
 
+class SessionsRealm(LimitedRealm):
+    """
+    The cached avatar with the set of its user's current sessions: each
+    session opening or closing, and each greeting, is pushed to the user's
+    other sessions that passed a mind.
+    """
+
+    name = "sessions"
+
+    def __init__(self, registry: SessionRegistry, clock: IReactorTime) -> None:
+        super().__init__(registry, clock)
+        registry.observe(self)
+
+    def avatarFor(self, user: str, mind: object) -> Avatar:
+        avatar = self._avatars.get(user)
+        if avatar is None:
+            avatar = self._avatars[user] = SessionsAvatar(self, self.greeter(user))
+        return avatar
+
+    def sessionOpened(self, session: Session) -> None:
+        self.tellOthers(session, "notifySessionOpened", session.info())
+
+    def sessionClosed(self, session: Session, reason: str) -> None:
+        self.tellOthers(session, "notifySessionClosed", {**session.info(), "reason": reason})
+
+    def tellOthers(self, session: Session, method: str, *args: object) -> None:
+        """
+        Push C{method(*args)} to every other logged-in session of
+        C{session}'s user that has a mind.  A session found gone ends.
+        """
+        pushed = self.registry.metrics.pushed
+        for other in self.registry.sessionsOf(session.user):
+            if other is not session and other.active and other.mind is not None:
+                gone = _dropper(self.registry, other)
+                push(other.mind, method, *args, onGone=gone).addCallback(pushed)
+
+
+def _dropper(registry: SessionRegistry, session: Session):
+    def gone() -> None:
+        if not session.closed:
+            registry.drop(session, "disconnected", "gone")
+
+    return gone
+
+
 REALMS: dict[str, type[Realm]] = {
     realm.name: realm
-    for realm in (CacheRealm, SharedStateRealm, TrackingRealm, LimitedRealm, ClockRealm)
+    for realm in (
+        CacheRealm,
+        SharedStateRealm,
+        TrackingRealm,
+        LimitedRealm,
+        ClockRealm,
+        SessionsRealm,
+    )
 }

@@ -11,12 +11,57 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from itertools import count
+from typing import Protocol
 
+from twisted.application import service
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from pbrealms.errors import ShuttingDown, TooManyConnections
 from pbrealms.metrics import ServerMetrics
+from pbrealms.push import push
+
+#: What to do with a login of a user who has as many sessions as allowed.
+REFUSE, REPLACE_OLDEST, REPLACE_STALE = "refuse", "replace-oldest", "replace-stale"
+WHEN_FULL = (REFUSE, REPLACE_OLDEST, REPLACE_STALE)
+
+
+class ConnectionGone(Exception):
+    """
+    The client disconnected before its login completed.
+    """
+
+
+class Connection(Protocol):
+    """
+    What the registry may do with the connection a session came on.
+    """
+
+    @property
+    def connected(self) -> bool: ...
+
+    def ping(self, timeout: float | None = None) -> defer.Deferred[bool]:
+        """
+        Ask the client for an answer.  The L{Deferred} fires with C{True} if
+        it answers, C{False} if the connection is lost first or C{timeout}
+        seconds pass; it never fails.
+        """
+
+    def drop(self) -> None:
+        """
+        Close the connection at once, whatever is left unsent.
+        """
+
+
+class SessionObserver(Protocol):
+    """
+    Told when sessions open and close; realms are.
+    """
+
+    def sessionOpened(self, session: Session) -> None: ...
+
+    def sessionClosed(self, session: Session, reason: str) -> None: ...
 
 
 class Session:
@@ -29,6 +74,7 @@ class Session:
     @ivar since: when the session was admitted, in seconds since the epoch.
     @ivar mind: what the client passed to login as its client object, or
         L{None}.
+    @ivar connection: the connection the session came on, or L{None}.
     @ivar lastCall: when the client last called its avatar (or logged in).
     """
 
@@ -37,6 +83,7 @@ class Session:
         "_registry",
         "active",
         "closed",
+        "connection",
         "id",
         "lastCall",
         "mind",
@@ -46,7 +93,14 @@ class Session:
     )
 
     def __init__(
-        self, registry: SessionRegistry, id: int, user: str, peer: str, since: float, mind: object
+        self,
+        registry: SessionRegistry,
+        id: int,
+        user: str,
+        peer: str,
+        since: float,
+        mind: object,
+        connection: Connection | None = None,
     ) -> None:
         self._registry = registry
         self.id = id
@@ -54,6 +108,7 @@ class Session:
         self.peer = peer
         self.since = since
         self.mind = mind
+        self.connection = connection
         self.lastCall = since
         self.active = False
         self.closed = False
@@ -73,6 +128,8 @@ class Session:
         """
         End this session.  Only the first call has an effect, so every path
         that ends a session may call it.
+
+        @param reason: completes "USER ... from PEER" in the log line.
         """
         if self.closed:
             return
@@ -87,17 +144,29 @@ class Session:
                     "error while closing session {id} of {user}", id=self.id, user=self.user
                 )
 
+    def info(self) -> dict[str, object]:
+        """
+        What the user's other sessions are told of this one.
+        """
+        return {"id": self.id, "peer": self.peer, "since": self.since}
+
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.user} from {self.peer}>"
 
 
 class SessionRegistry:
     """
-    The open sessions of every user, and the per-user limit on them.
+    The open sessions of every user, the per-user limit on them, and what
+    happens to a login beyond it.
 
     @ivar realm: the realm's name, for the log.
     @ivar maxPerUser: the most sessions one user may have open, or L{None}
         for no limit.
+    @ivar whenFull: what a login beyond C{maxPerUser} does: L{REFUSE} it,
+        replace the user's oldest session (L{REPLACE_OLDEST}), or replace it
+        only if it does not answer a ping (L{REPLACE_STALE}).
+    @ivar pingTimeout: seconds to wait for a session that is pinged, or told
+        that it is replaced.
     @ivar metrics: where session counts and durations go.
     @ivar closing: set when the server shuts down: no session is admitted.
     """
@@ -110,36 +179,135 @@ class SessionRegistry:
         realm: str = "",
         maxPerUser: int | None = None,
         metrics: ServerMetrics | None = None,
+        whenFull: str = REFUSE,
+        pingTimeout: float = 10.0,
     ) -> None:
+        if whenFull not in WHEN_FULL:
+            raise ValueError(f"whenFull must be one of {', '.join(WHEN_FULL)}, not {whenFull!r}")
         self.clock = clock
         self.realm = realm
         self.maxPerUser = maxPerUser
+        self.whenFull = whenFull
+        self.pingTimeout = pingTimeout
         self.metrics = metrics or ServerMetrics()
         self.closing = False
         self.metrics.countSessions(realm, self.__len__)
         self._byUser: dict[str, dict[int, Session]] = {}
         self._ids = count(1)
+        self._observers: list[SessionObserver] = []
+        # Users with a login waiting for a replaced session to go: their
+        # logins are admitted one at a time, in order.
+        self._replacing: dict[str, defer.DeferredLock] = {}
 
-    def open(self, user: str, peer: str, mind: object = None) -> Session:
+    def observe(self, observer: SessionObserver) -> None:
         """
-        Admit a new session of C{user}.
+        Tell C{observer} of every session activated, and of its end.
+        """
+        self._observers.append(observer)
+
+    def open(
+        self, user: str, peer: str, mind: object = None, connection: Connection | None = None
+    ) -> Session:
+        """
+        Admit a new session of C{user} if there is room for it.
 
         @raise TooManyConnections: if C{user} has C{maxPerUser} open sessions.
         @raise ShuttingDown: once L{closing} is set.
         """
         if self.closing:
             raise ShuttingDown()
-        sessions = self._byUser.setdefault(user, {})
-        if self.maxPerUser is not None and len(sessions) >= self.maxPerUser:
+        if self._full(user):
             raise TooManyConnections(self.maxPerUser)
-        session = Session(self, next(self._ids), user, peer, self.clock.seconds(), mind)
-        sessions[session.id] = session
+        session = Session(self, next(self._ids), user, peer, self.clock.seconds(), mind, connection)
+        self._byUser.setdefault(user, {})[session.id] = session
         return session
+
+    def admit(
+        self, user: str, peer: str, mind: object = None, connection: Connection | None = None
+    ) -> defer.Deferred[Session]:
+        """
+        Admit a new session of C{user}, making room for it as C{whenFull}
+        says.  The limit holds at every instant: a replaced session has
+        closed (and its logout run) before the new one opens, and the
+        logins of a user that is replacing are admitted one at a time.
+
+        @return: a L{Deferred} firing with the session, or failing with
+            L{TooManyConnections}, L{ShuttingDown}, or L{ConnectionGone} if
+            C{connection} closed while the login waited.
+        """
+        if user not in self._replacing:
+            if self.whenFull == REFUSE or not self._full(user):
+                return defer.maybeDeferred(self.open, user, peer, mind, connection)
+        lock = self._replacing.setdefault(user, defer.DeferredLock())
+
+        def replace() -> defer.Deferred[Session]:
+            return defer.ensureDeferred(self._replaceAndOpen(user, peer, mind, connection))
+
+        def released(result: object) -> object:
+            if not lock.locked and self._replacing.get(user) is lock:
+                del self._replacing[user]
+            return result
+
+        return lock.run(replace).addBoth(released)
+
+    async def _replaceAndOpen(
+        self, user: str, peer: str, mind: object, connection: Connection | None
+    ) -> Session:
+        while True:
+            if self.closing:
+                raise ShuttingDown()
+            if connection is not None and not connection.connected:
+                raise ConnectionGone()
+            if not self._full(user):
+                return self.open(user, peer, mind, connection)
+            # Only a logged-in session is replaced: one still logging in
+            # has nobody to tell yet.
+            oldest = next((s for s in self.sessionsOf(user) if s.active), None)
+            if oldest is None:
+                raise TooManyConnections(self.maxPerUser)
+            if self.whenFull == REPLACE_STALE:
+                if await self._answers(oldest):
+                    raise TooManyConnections(self.maxPerUser)
+                if not oldest.closed:
+                    self.drop(oldest, "did not answer a ping, and was replaced", "stale")
+            else:
+                await self._tellReplaced(oldest, peer)
+                self.drop(oldest, "was replaced by a newer login", "replaced")
+
+    def _answers(self, session: Session) -> defer.Deferred[bool]:
+        if session.connection is None:
+            return defer.succeed(True)  # nothing to ask: it may be alive
+        return session.connection.ping(self.pingTimeout)
+
+    def _tellReplaced(self, session: Session, newPeer: str) -> defer.Deferred:
+        """
+        Tell C{session} that it is replaced, and wait up to C{pingTimeout}
+        for its answer.  Best effort: the session goes either way.
+        """
+        if session.mind is None:
+            return defer.succeed(None)
+        reason = f"replaced by a newer login of {session.user} from {newPeer}"
+        told = push(session.mind, "notifyKicked", reason, quiet=True)
+        told.addCallback(self.metrics.pushed)
+        return told.addTimeout(self.pingTimeout, self.clock).addErrback(lambda _: None)
+
+    def drop(self, session: Session, reason: str, why: str) -> None:
+        """
+        End C{session} (its logout runs now) and close its connection.
+        """
+        session.close(reason)
+        self.metrics.dropped.labels(why).inc()
+        if session.connection is not None:
+            session.connection.drop()
+
+    def _full(self, user: str) -> bool:
+        return self.maxPerUser is not None and self.countOf(user) >= self.maxPerUser
 
     def activate(self, session: Session) -> None:
         """
         Mark C{session} as logged in: its client has its avatar.  Only the
-        sessions activated are logged; one closed before is a refused login.
+        sessions activated are logged and observed; one closed before is a
+        refused login.
         """
         session.active = True
         self._log.info(
@@ -149,6 +317,8 @@ class SessionRegistry:
             session=session.id,
             realm=self.realm,
         )
+        for observer in self._observers:
+            self._tell(observer.sessionOpened, session)
 
     def _closed(self, session: Session, reason: str) -> None:
         sessions = self._byUser[session.user]
@@ -168,6 +338,14 @@ class SessionRegistry:
             session=session.id,
             realm=self.realm,
         )
+        for observer in self._observers:
+            self._tell(observer.sessionClosed, session, reason)
+
+    def _tell(self, method: Callable[..., object], session: Session, *args: object) -> None:
+        try:
+            method(session, *args)
+        except Exception:
+            self._log.failure("error while telling of session {id}", id=session.id)
 
     def sessionsOf(self, user: str) -> list[Session]:
         """
@@ -204,3 +382,55 @@ class SessionRegistry:
     def __iter__(self) -> Iterator[Session]:
         for sessions in list(self._byUser.values()):
             yield from list(sessions.values())
+
+
+class Keepalive(service.Service):
+    """
+    Pings every connection that has a logged-in session once per C{interval}
+    and drops the sessions of one that has not answered the previous ping,
+    a whole interval later.  PB has no keepalive of its own: without this a
+    client behind a dead NAT keeps its sessions until TCP gives up, which
+    can take hours.
+
+    One timer serves every connection, whatever their number.
+    """
+
+    def __init__(self, registry: SessionRegistry, interval: float) -> None:
+        self.registry = registry
+        self.interval = interval
+        self._unanswered: set[Connection] = set()
+        self._sweeper = task.LoopingCall(self.sweep)
+        self._sweeper.clock = registry.clock
+
+    def startService(self) -> None:
+        super().startService()
+        self._sweeper.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    def sweep(self) -> None:
+        """
+        Drop the connections that did not answer the last ping; ping the
+        others.
+        """
+        byConnection: dict[Connection, list[Session]] = {}
+        for session in self.registry:
+            if session.active and session.connection is not None:
+                byConnection.setdefault(session.connection, []).append(session)
+        # A connection whose sessions all ended is no longer watched.
+        self._unanswered &= byConnection.keys()
+        for connection, sessions in byConnection.items():
+            if connection in self._unanswered:
+                self._unanswered.discard(connection)
+                reason = f"did not answer a keepalive ping within {self.interval:g} s"
+                for session in sessions:
+                    self.registry.drop(session, reason, "keepalive")
+            else:
+                self._unanswered.add(connection)
+                connection.ping().addCallback(self._answered, connection)
+
+    def _answered(self, alive: bool, connection: Connection) -> None:
+        self._unanswered.discard(connection)

@@ -31,12 +31,16 @@ from pbrealms.metrics import ServerMetrics, metricsSite
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
 from pbrealms.realms import REALMS, ClockRealm
 from pbrealms.service import GracefulShutdown, Listener, PBRealmsService, PBServerFactory
-from pbrealms.sessions import SessionRegistry
+from pbrealms.sessions import REFUSE, WHEN_FULL, Keepalive, SessionRegistry
 from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES
 
 DEFAULT_PORT = "tcp:8787:interface=127.0.0.1"
 DEFAULT_PERIOD = 1.0
 DEFAULT_GRACE = 5.0
+DEFAULT_KEEPALIVE = 60.0
+DEFAULT_PING_TIMEOUT = 10.0
+#: The realms that limit sessions per user, with --max.
+LIMITING_REALMS = ("limited", "sessions")
 MAX_GRACE = 3600.0
 #: Twisted listens with a backlog of 50, which hangs a storm of logins.
 TCP_BACKLOG = 1024
@@ -105,8 +109,32 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "max",
             None,
             None,
-            "With --realm=limited: the most concurrent sessions one user may have "
-            "(an integer of 1 or more). [default: 1]",
+            "With --realm=limited or sessions: the most concurrent sessions one user "
+            "may have (an integer of 1 or more). [default: 1 for limited, no limit "
+            "for sessions]",
+        ],
+        [
+            "when-full",
+            None,
+            REFUSE,
+            "With --max: what a login beyond it does. refuse: it is refused (too many "
+            "connections). replace-oldest: the user's oldest session is told, closed, "
+            "and replaced. replace-stale: the oldest session is pinged, and replaced "
+            "only if it does not answer within --ping-timeout.",
+        ],
+        [
+            "ping-timeout",
+            None,
+            str(DEFAULT_PING_TIMEOUT),
+            "Seconds to wait for a session that is pinged (replace-stale) or told that "
+            "it is replaced (replace-oldest).",
+        ],
+        [
+            "keepalive",
+            None,
+            str(DEFAULT_KEEPALIVE),
+            "Ping every logged-in connection this often, in seconds, and drop those "
+            "that have not answered a whole interval later; 0 turns it off.",
         ],
         [
             "passwd",
@@ -195,6 +223,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     compData = usage.Completions(
         optActions={
             "realm": usage.CompleteList(list(REALMS)),
+            "when-full": usage.CompleteList(list(WHEN_FULL)),
             "passwd": usage.CompleteFiles(),
         }
     )
@@ -269,6 +298,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if name not in REALMS:
             raise usage.UsageError(f"unknown realm {name!r}: choose one of " + ", ".join(REALMS))
         self["max"] = self._maxSessions(name, self["max"])
+        self["when-full"] = self._whenFull(self["when-full"], self["max"])
+        self["ping-timeout"] = self._positive("ping-timeout", self["ping-timeout"], float)
+        self["keepalive"] = self._keepalive(self["keepalive"])
         self["period"] = self._period(name, self["period"])
         self["checker"], self["demo"] = self._checker()
         self["endpoint"] = self._endpoint(self["port"], "--port")
@@ -333,13 +365,42 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             return endpoint
 
     @staticmethod
+    def _keepalive(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not 0 <= seconds < 2**31:
+            raise usage.UsageError(
+                f"--keepalive must be a number of seconds, or 0 for none, not {value!r}"
+            )
+        return seconds
+
+    @staticmethod
+    def _whenFull(value: str, limit: int | None) -> str:
+        if value not in WHEN_FULL:
+            raise usage.UsageError(
+                f"unknown --when-full {value!r}: choose one of " + ", ".join(WHEN_FULL)
+            )
+        if value != REFUSE and limit is None:
+            raise usage.UsageError(
+                f"--when-full={value} needs --max, with --realm="
+                + " or --realm=".join(LIMITING_REALMS)
+            )
+        return value
+
+    @staticmethod
     def _maxSessions(realm: str, value: str | None) -> int | None:
-        if realm != "limited":
+        if realm not in LIMITING_REALMS:
             if value is not None:
-                raise usage.UsageError(f"--max applies to --realm=limited only, not {realm!r}")
+                raise usage.UsageError(
+                    "--max applies to --realm="
+                    + " or --realm=".join(LIMITING_REALMS)
+                    + f" only, not {realm!r}"
+                )
             return None
         if value is None:
-            return 1
+            return 1 if realm == "limited" else None
         try:
             limit = int(value)
         except ValueError:
@@ -406,7 +467,14 @@ def makeService(options: Options) -> PBRealmsService:
 
     name = options["realm"]
     metrics = ServerMetrics()
-    registry = SessionRegistry(reactor, realm=name, maxPerUser=options["max"], metrics=metrics)
+    registry = SessionRegistry(
+        reactor,
+        realm=name,
+        maxPerUser=options["max"],
+        metrics=metrics,
+        whenFull=options["when-full"],
+        pingTimeout=options["ping-timeout"],
+    )
     if REALMS[name] is ClockRealm:
         realm = ClockRealm(registry, reactor, options["period"])
     else:
@@ -448,6 +516,8 @@ def makeService(options: Options) -> PBRealmsService:
         else:
             watcher = internet.TimerService(1.0, checker.reloadIfChanged)
             children.append(("password-file-watcher", watcher))
+    if options["keepalive"]:
+        children.append(("keepalive", Keepalive(registry, options["keepalive"])))
     shutdown = GracefulShutdown(reactor, registry, factory, options["shutdown-grace"])
     children.append(("graceful-shutdown", shutdown))
     children.append(("pb-listener", Listener(options["endpoint"], factory, options["port"])))

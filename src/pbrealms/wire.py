@@ -78,6 +78,11 @@ class LimitedBroker(pb.Broker):
     def connectionMade(self) -> None:
         self._pending = bytearray()
         self._messageBytes = 0
+        # So that the kernel notices a peer that vanished (a dead NAT) even
+        # when the server has nothing to send; UNIX sockets have no such option.
+        setTcpKeepAlive = getattr(self.transport, "setTcpKeepAlive", None)
+        if setTcpKeepAlive is not None:
+            setTcpKeepAlive(True)
         super().connectionMade()
 
     def dataReceived(self, chunk: bytes) -> None:
