@@ -196,11 +196,24 @@ class Harness:
         self.passwd = passwd
         self.servers: list[Served] = []
         self.connections: list[Connection] = []
+        #: Connectors of raw PB clients a test made, disconnected at the end.
+        self.connectors: list = []
 
     def makeRoot(
-        self, realm: str = "cache", maxPerUser: int | None = None, period: float = 1.0
+        self,
+        realm: str = "cache",
+        maxPerUser: int | None = None,
+        period: float = 1.0,
+        whenFull: str = "refuse",
+        pingTimeout: float = 10.0,
     ) -> LoginRoot:
-        registry = SessionRegistry(self.reactor, realm=realm, maxPerUser=maxPerUser)
+        registry = SessionRegistry(
+            self.reactor,
+            realm=realm,
+            maxPerUser=maxPerUser,
+            whenFull=whenFull,
+            pingTimeout=pingTimeout,
+        )
         if REALMS[realm] is ClockRealm:
             strategy = ClockRealm(registry, self.reactor, period)
         else:
@@ -218,6 +231,8 @@ class Harness:
     async def cleanup(self) -> None:
         for conn in self.connections:
             await conn.disconnect()
+        for connector in self.connectors:
+            connector.disconnect()
         for served in self.servers:
             for broker in served.factory.made:
                 if not broker.disconnected:

@@ -5,27 +5,41 @@ The client library and the C{pbrealms-client} command.
     >>> await conn.perspective.callRemote("greet")
     '<1>hello alice'
     >>> await conn.disconnect()
+
+A session that stays connected, logging in again whenever the connection is
+lost, and doing again what C{onLogin} does (here: subscribing to the time):
+
+    >>> session = ReconnectingSession(
+    ...     reactor, "tcp:127.0.0.1:8787", "alice", "wonderland", ClientMind(onTime=print),
+    ...     onLogin=lambda conn: conn.callRemote("setperiod", 5),
+    ... )
+    >>> stopped = session.start()  # fails with Kicked, BadCredentials ... if it gives up
+    >>> await session.connection.callRemote("greet")  # None while reconnecting
+    '<2>hello alice'
+    >>> await session.stop()
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, endpoints, error, ssl, task
-from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorCore, IReactorTime
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
 from pbrealms.addresses import isLocal
-from pbrealms.errors import TooManyConnections, localize
+from pbrealms.errors import LoginFailed, ShuttingDown, TooManyConnections, localize
 
 DEFAULT_CONNECT = "tcp:127.0.0.1:8787"
 DEFAULT_TIMEOUT = 10.0
@@ -36,17 +50,52 @@ class Connection:
     A logged-in PB connection.
 
     @ivar perspective: the remote reference to the avatar.
+    @ivar mind: the client object passed at login, or L{None}.
     """
 
-    def __init__(self, factory: pb.PBClientFactory, perspective: pb.RemoteReference) -> None:
+    def __init__(
+        self,
+        factory: pb.PBClientFactory,
+        perspective: pb.RemoteReference,
+        mind: pb.Referenceable | None = None,
+    ) -> None:
         self._factory = factory
         self.perspective = perspective
+        self.mind = mind
+
+    @property
+    def connected(self) -> bool:
+        """
+        Whether the connection is still open.
+        """
+        return not self.perspective.broker.disconnected
+
+    @property
+    def kicked(self) -> str | None:
+        """
+        The reason the server gave (with C{notifyKicked}) when a newer login
+        replaced this session, whose connection it then closes; L{None} if it
+        did not, or if the mind is not a L{ClientMind}, which alone records it.
+        """
+        if isinstance(self.mind, ClientMind):
+            return self.mind.kickedReason(self.perspective.broker)
+        return None
 
     def callRemote(self, method: str, *args: object, **kw: object) -> defer.Deferred:
         """
         Call C{method} on the avatar.
         """
         return self.perspective.callRemote(method, *args, **kw).addErrback(localize)
+
+    def notifyOnDisconnect(self, callback: Callable[[], object]) -> None:
+        """
+        Call C{callback()} once the connection is closed; at once if it is.
+        """
+        broker = self.perspective.broker
+        if broker.disconnected:
+            callback()
+        else:
+            broker.notifyOnDisconnect(callback)
 
     def disconnect(self) -> defer.Deferred[None]:
         """
@@ -74,26 +123,97 @@ def isPrivate(transport) -> bool:
     return isLocal(transport.getPeer())
 
 
+class Kicked(Exception):
+    """
+    The server closed the session because a newer login of the same user
+    replaced it, and said so first (C{notifyKicked}).  Logging in again would
+    only replace the newer session in turn.
+
+    @ivar reason: the server's words.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class ClientMind(pb.Referenceable):
     """
-    The client object passed at login, which the server pushes to: it calls
-    C{onTime(seconds)} for every C{notifyTime} (the clock realm) and
-    C{onShutdown(reason)} when the server says it is shutting down.
+    The client object passed at login, which the server pushes to.  Each push
+    calls the keyword argument of the same name, which by default ignores it:
+
+      - C{onTime(seconds)}: C{notifyTime}, the time (in seconds since the
+        epoch) that the clock realm pushes once per period;
+      - C{onShutdown(reason)}: C{notifyShutdown}, the server is shutting down;
+      - C{onGreeting(text)}: C{notifyGreeting}, another session of the user
+        was greeted with C{text};
+      - C{onSessionOpened(info)}, C{onSessionClosed(info)}:
+        C{notifySessionOpened} and C{notifySessionClosed}, another session
+        of the user opened or closed; C{info} is a dict of C{id} (int),
+        C{peer} (str) and C{since} (seconds since the epoch), and when it
+        closed C{reason} (str);
+      - C{onKicked(reason)}: C{notifyKicked}, a newer login of the user
+        replaced this session, and the server is about to close its
+        connection.
+
+    It also remembers which connections were kicked: see L{Connection.kicked}.
     """
 
     def __init__(
         self,
         onTime: Callable[[float], object] = _ignore,
         onShutdown: Callable[[str], object] = _ignore,
+        onGreeting: Callable[[str], object] = _ignore,
+        onSessionOpened: Callable[[dict], object] = _ignore,
+        onSessionClosed: Callable[[dict], object] = _ignore,
+        onKicked: Callable[[str], object] = _ignore,
     ) -> None:
         self.onTime = onTime
         self.onShutdown = onShutdown
+        self.onGreeting = onGreeting
+        self.onSessionOpened = onSessionOpened
+        self.onSessionClosed = onSessionClosed
+        self.onKicked = onKicked
+        # One mind may be passed on several connections: a kick is recorded
+        # for the connection it came on, and forgotten with it.
+        self._kicked: weakref.WeakKeyDictionary[pb.Broker, str] = weakref.WeakKeyDictionary()
+        self._pushedOn: pb.Broker | None = None
+
+    def kickedReason(self, broker: pb.Broker) -> str | None:
+        """
+        The reason of the C{notifyKicked} received on C{broker}'s connection,
+        or L{None}.
+        """
+        return self._kicked.get(broker)
+
+    def remoteMessageReceived(self, broker, message, args, kw):
+        # PB does not tell a remote_ method which connection called it.
+        self._pushedOn = broker
+        try:
+            return super().remoteMessageReceived(broker, message, args, kw)
+        finally:
+            self._pushedOn = None
 
     def remote_notifyTime(self, seconds: float) -> None:
         self.onTime(seconds)
 
     def remote_notifyShutdown(self, reason: str) -> None:
         self.onShutdown(reason)
+
+    def remote_notifyGreeting(self, text: str) -> None:
+        self.onGreeting(text)
+
+    def remote_notifySessionOpened(self, info: dict) -> None:
+        self.onSessionOpened(info)
+
+    def remote_notifySessionClosed(self, info: dict) -> None:
+        self.onSessionClosed(info)
+
+    def remote_notifyKicked(self, reason: str) -> None:
+        reason = str(reason)
+        if self._pushedOn is not None:
+            self._kicked[self._pushedOn] = reason
+        self.onKicked(reason)
 
 
 async def connect(
@@ -156,7 +276,249 @@ async def connect(
     except BaseException:
         factory.disconnect()
         raise
-    return Connection(factory, perspective)
+    return Connection(factory, perspective, mind)
+
+
+def retryable(reason: Failure) -> bool:
+    """
+    Whether a failure to connect or log in may pass by itself, so that trying
+    again later makes sense: the server could not be reached, timed out or
+    closed the connection, already has as many sessions of the user as it
+    allows, is shutting down (and will come back), or failed on its side.
+    A refused login (a wrong password, a client the realm cannot serve) would
+    be refused again, and nothing else is known to pass.
+    """
+    if reason.check(TooManyConnections, ShuttingDown, LoginFailed):
+        return True
+    if reason.check(UnauthorizedLogin):
+        return False
+    transient = (
+        error.ConnectError,
+        error.DNSLookupError,
+        error.ConnectionLost,
+        error.ConnectionDone,
+        defer.TimeoutError,
+        pb.PBConnectionLost,
+    )
+    return reason.check(*transient) is not None
+
+
+class ReconnectingSession:
+    """
+    A login that stays logged in: whenever the connection is lost, or an
+    attempt fails in a way that may pass (see L{retryable}), it tries again
+    after a delay that doubles with each failure, up to C{maxDelay}, and
+    starts over once logged in.  Each delay is jittered, between half and all
+    of its length, so that the clients of a server that restarts do not all
+    come back at once.
+
+    It stops for good when told to (L{stop}), when the login is refused for
+    good (L{pbrealms.errors.BadCredentials} and the other refusals but
+    L{TooManyConnections} and L{ShuttingDown}), and when the server kicks
+    the session because a newer login of the same user replaced it
+    (L{Kicked}): logging in again would kick the newer one in turn.
+
+    @ivar connection: the current L{Connection}, or L{None} while it is not
+        logged in.
+    @ivar mind: the L{ClientMind} passed at every login.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        endpoint: str | Any,
+        user: str,
+        password: str,
+        mind: ClientMind | None = None,
+        *,
+        onLogin: Callable[[Connection], object] | None = None,
+        onLost: Callable[[Failure, float], object] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        sendPassword: bool | None = None,
+        initialDelay: float = 0.5,
+        factor: float = 2.0,
+        maxDelay: float = 30.0,
+        jitter: Callable[[], float] = random.random,
+        connect: Callable[..., Awaitable[Connection]] = connect,
+    ) -> None:
+        """
+        @param endpoint: a client endpoint, or its description.
+        @param mind: the client object to log in with; a L{ClientMind} that
+            ignores every push by default.  It must be a L{ClientMind}, the
+            only kind that notices a kick.
+        @param onLogin: called with the L{Connection} after every login, to
+            do again what a new session needs (subscribe to pushes, say); a
+            L{Deferred} or coroutine it returns is waited for.  If it fails
+            while the connection is still open, the session stops with its
+            failure.
+        @param onLost: called with the reason and the delay in seconds before
+            the next attempt, whenever the connection is lost or an attempt
+            fails and it will try again.
+        @param timeout: seconds that each attempt may take (see L{connect}).
+        @param sendPassword: as for L{connect}.
+        @param initialDelay: seconds before the first attempt after a login
+            or a failure that follows one.
+        @param factor: how much longer each next delay is.
+        @param maxDelay: the longest delay.
+        @param jitter: returns a number from 0 to 1 for each delay: 0 waits
+            half of it, 1 all of it.
+        @param connect: connects and logs in once, as L{connect} does.
+        """
+        if not 0 < initialDelay <= maxDelay:
+            raise ValueError("need 0 < initialDelay <= maxDelay")
+        if factor < 1:
+            raise ValueError("factor must be 1 or more")
+        if isinstance(endpoint, str):
+            endpoint = endpoints.clientFromString(reactor, endpoint)
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.user = user
+        self.mind = mind if mind is not None else ClientMind()
+        self.timeout = timeout
+        self.initialDelay = initialDelay
+        self.factor = factor
+        self.maxDelay = maxDelay
+        self.connection: Connection | None = None
+        self._password = password
+        self._sendPassword = sendPassword
+        self._onLogin = onLogin
+        self._onLost = onLost
+        self._jitter = jitter
+        self._connect = connect
+        self._delay = initialDelay
+        self._started = False
+        self._stopping = False
+        self._stopped = False
+        self._reason: Failure | None = None
+        self._waiting: list[defer.Deferred[None]] = []
+        # At most one of these is under way at any time.
+        self._attempt: defer.Deferred[Connection] | None = None
+        self._retry: IDelayedCall | None = None
+        self._hook: defer.Deferred | None = None
+
+    def start(self) -> defer.Deferred[None]:
+        """
+        Start connecting.  A session starts only once.
+
+        @return: L{whenStopped}.
+        """
+        if self._started or self._stopping:
+            raise RuntimeError("a ReconnectingSession starts only once")
+        self._started = True
+        self._attemptNow()
+        return self.whenStopped()
+
+    def whenStopped(self) -> defer.Deferred[None]:
+        """
+        @return: a new L{Deferred} that fires once the session has stopped
+            for good and its connection is closed: with L{None} if L{stop}
+            was called, or failing with the reason it gave up (L{Kicked},
+            L{pbrealms.errors.BadCredentials} ...).
+        """
+        if not self._stopped:
+            d: defer.Deferred[None] = defer.Deferred()
+            self._waiting.append(d)
+            return d
+        return defer.fail(self._reason) if self._reason is not None else defer.succeed(None)
+
+    def stop(self) -> defer.Deferred[None]:
+        """
+        Stop for good: cancel the attempt or the delay under way, and close
+        the connection.  Nothing of the session remains once the L{Deferred}
+        fires, with L{None}; L{whenStopped} fires then too, with L{None}
+        unless the session had given up before.
+        """
+        self._finish(None)
+        return self.whenStopped().addErrback(lambda _: None)
+
+    def _attemptNow(self) -> None:
+        self._retry = None
+        self._attempt = attempt = defer.maybeDeferred(
+            self._connect,
+            self.reactor,
+            self.endpoint,
+            self.user,
+            self._password,
+            self.mind,
+            self.timeout,
+            sendPassword=self._sendPassword,
+        )
+        attempt.addCallbacks(self._loggedIn, self._failed)
+
+    def _loggedIn(self, conn: Connection) -> None:
+        self._attempt = None
+        if self._stopping:
+            conn.disconnect()
+            return
+        self.connection = conn
+        self._delay = self.initialDelay
+        conn.notifyOnDisconnect(lambda: self._lost(conn))
+        if self._onLogin is not None and conn.connected:
+            self._hook = hook = defer.maybeDeferred(self._onLogin, conn)
+            hook.addCallbacks(self._hooked, self._hookFailed, errbackArgs=(conn,))
+
+    def _hooked(self, _: object) -> None:
+        self._hook = None
+
+    def _hookFailed(self, reason: Failure, conn: Connection) -> None:
+        self._hook = None
+        # A hook failing because the connection went is no reason to stop:
+        # what happens next is the lost connection's to decide.
+        if not self._stopping and conn is self.connection and conn.connected:
+            self._finish(reason)
+
+    def _failed(self, reason: Failure) -> None:
+        self._attempt = None
+        if self._stopping:
+            return  # cancelled by stop()
+        if retryable(reason):
+            self._retryLater(reason)
+        else:
+            self._finish(reason)
+
+    def _lost(self, conn: Connection) -> None:
+        if conn is not self.connection:
+            return  # closed by stop()
+        self.connection = None
+        if self._hook is not None:
+            self._hook.cancel()
+        kicked = conn.kicked
+        if kicked is not None:
+            self._finish(Failure(Kicked(kicked)))
+        else:
+            self._retryLater(Failure(error.ConnectionLost("the connection was lost")))
+
+    def _retryLater(self, reason: Failure) -> None:
+        delay = self._delay * (1 + min(max(self._jitter(), 0.0), 1.0)) / 2
+        self._delay = min(self.maxDelay, self._delay * self.factor)
+        self._retry = self.reactor.callLater(delay, self._attemptNow)
+        if self._onLost is not None:
+            self._onLost(reason, delay)
+
+    def _finish(self, reason: Failure | None) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self._reason = reason
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        # Their errbacks see _stopping, and swallow the cancellation.
+        for pending in (self._attempt, self._hook):
+            if pending is not None:
+                pending.cancel()
+        conn, self.connection = self.connection, None
+        closed = conn.disconnect() if conn is not None else defer.succeed(None)
+        closed.addBoth(self._closed)
+
+    def _closed(self, _: object) -> None:
+        self._stopped = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if self._reason is None:
+                d.callback(None)
+            else:
+                d.errback(self._reason)
 
 
 # The command line.
@@ -170,6 +532,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_TOO_MANY, EXIT_UNREACHABLE, 
     5,
     6,
 )
+EXIT_KICKED = 7
 
 
 class GreetOptions(usage.Options):
@@ -197,6 +560,32 @@ class ClockOptions(usage.Options):
             raise usage.UsageError("--ticks must be 1 or more")
 
 
+class WatchOptions(usage.Options):
+    synopsis = "Usage: pbrealms-client [options] watch [--period SECONDS] [--count N]"
+    longdesc = (
+        "Stay logged in, logging in again whenever the connection is lost, and print "
+        "every push of the server as one line: the time, greetings and sessions of "
+        "the user's other sessions, kicks, shutdowns. What happens to the connection "
+        "goes to standard error. Runs until interrupted, or until the login is refused "
+        "for good or a newer login replaces this one."
+    )
+    optParameters = [
+        [
+            "period",
+            None,
+            None,
+            "After every login, ask the server for this push period, in seconds, "
+            "if its realm pushes the time.",
+            float,
+        ],
+        ["count", "n", None, "Stop after N pushes. [default: run until interrupted]", int],
+    ]
+
+    def postOptions(self) -> None:
+        if self["count"] is not None and self["count"] < 1:
+            raise usage.UsageError("--count must be 1 or more")
+
+
 class ClientOptions(usage.Options):
     synopsis = (
         "Usage: pbrealms-client --user NAME [--password-file FILE] [--connect ENDPOINT] "
@@ -207,7 +596,7 @@ class ClientOptions(usage.Options):
         "--password-file or from the PBREALMS_PASSWORD environment variable, "
         "never from the command line. Exit status: 0 success, 1 error, 2 bad "
         "usage, 3 login refused, 4 too many connections, 5 cannot connect, "
-        "6 timed out."
+        "6 timed out, 7 kicked (a newer login of the user replaced this one)."
     )
     optParameters = [
         ["connect", "c", DEFAULT_CONNECT, "The server, as a Twisted client endpoint description."],
@@ -240,11 +629,17 @@ class ClientOptions(usage.Options):
         ["greet", None, GreetOptions, "Ask for greetings and print them."],
         ["status", None, StatusOptions, "Print the avatar's status as JSON."],
         ["clock", None, ClockOptions, "Print every time the clock realm pushes."],
+        [
+            "watch",
+            None,
+            WatchOptions,
+            "Stay connected, reconnecting, and print every push of the server.",
+        ],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("give a command: greet, status or clock")
+            raise usage.UsageError("give a command: greet, status, clock or watch")
         if not self["user"]:
             raise usage.UsageError("give --user NAME")
         if self["timeout"] <= 0:
@@ -326,21 +721,42 @@ def _why(reason: Failure) -> str:
     return reason.getErrorMessage()
 
 
-async def run(reactor: IReactorCore, options: ClientOptions, out=sys.stdout) -> None:
+def _printable(text: object) -> str:
     """
-    Run the command in C{options}, printing to C{out}.
+    C{text} on one line, without control characters: what the server sends
+    must not start lines or move the terminal's cursor.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _stamp(seconds: float) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+    return f"{stamp}.{int(seconds % 1 * 1000):03d} UTC"
+
+
+def _kicked(reason: str) -> CommandFailed:
+    return CommandFailed(f"kicked: {_printable(reason)}", EXIT_KICKED)
+
+
+async def run(
+    reactor: IReactorCore, options: ClientOptions, out=sys.stdout, err=sys.stderr
+) -> None:
+    """
+    Run the command in C{options}, printing its output to C{out} and, for
+    C{watch}, what happens to the connection to C{err}.
 
     @raise CommandFailed: with the line to print and the exit status.
     """
     command, sub = options.subCommand, options.subOptions
+    if command == "watch":
+        return await watch(reactor, options, out, err)
     done: defer.Deferred[None] = defer.Deferred()
     ticks = 0
 
     def onTime(seconds: float) -> None:
         nonlocal ticks
         ticks += 1
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
-        print(f"{stamp}.{int(seconds % 1 * 1000):03d} UTC", file=out, flush=True)
+        print(_stamp(seconds), file=out, flush=True)
         if sub["ticks"] is not None and ticks >= sub["ticks"] and not done.called:
             done.callback(None)
 
@@ -383,9 +799,92 @@ async def run(reactor: IReactorCore, options: ClientOptions, out=sys.stdout) -> 
     except CommandFailed:
         raise
     except Exception:
+        # A kick is told before the connection closes, failing what was under way.
+        if conn.kicked is not None:
+            raise _kicked(conn.kicked) from None
         raise explain(Failure(), options["connect"], options["timeout"]) from None
     finally:
         await conn.disconnect()
+
+
+async def watch(reactor: IReactorCore, options: ClientOptions, out, err) -> None:
+    """
+    The C{watch} command: a L{ReconnectingSession} printing every push to
+    C{out}, one line each, and what happens to the connection to C{err}.
+    It returns when interrupted (the reactor shuts down) or after C{--count}
+    pushes.
+
+    @raise CommandFailed: when the session gives up: kicked, or refused.
+    """
+    sub, where = options.subOptions, options["connect"]
+    finished: defer.Deferred[None] = defer.Deferred()
+    shown = 0
+
+    def show(line: str) -> None:
+        nonlocal shown
+        print(line, file=out, flush=True)
+        shown += 1
+        if sub["count"] is not None and shown >= sub["count"] and not finished.called:
+            finished.callback(None)
+
+    def sessionLine(info: dict, what: str) -> str:
+        line = f"session {_printable(info.get('id'))} {what} from {_printable(info.get('peer'))}"
+        return line + (f": {_printable(info['reason'])}" if "reason" in info else "")
+
+    mind = ClientMind(
+        onTime=lambda seconds: show(f"time {_stamp(seconds)}"),
+        onShutdown=lambda reason: show(f"server shutting down: {_printable(reason)}"),
+        onGreeting=lambda text: show(f"greeting {_printable(text)}"),
+        onSessionOpened=lambda info: show(sessionLine(info, "opened")),
+        onSessionClosed=lambda info: show(sessionLine(info, "closed")),
+        onKicked=lambda reason: show(f"kicked: {_printable(reason)}"),
+    )
+
+    async def subscribe(conn: Connection) -> None:
+        print(f"connected to {where} as {options['user']}", file=err, flush=True)
+        if sub["period"] is not None:
+            # Each session starts with the server's period.
+            if "period" in await conn.callRemote("status"):
+                await conn.callRemote("setperiod", sub["period"])
+
+    def lost(reason: Failure, delay: float) -> None:
+        why = explain(reason, where, options["timeout"])
+        print(f"{why}; reconnecting in {delay:.1f} s", file=err, flush=True)
+
+    watching = ReconnectingSession(
+        reactor,
+        options["endpoint"],
+        options["user"],
+        options["password"],
+        mind,
+        onLogin=subscribe,
+        onLost=lost,
+        timeout=options["timeout"],
+        sendPassword=True if options["tls"] else None,
+    )
+    watching.start().addCallbacks(
+        lambda _: finished.called or finished.callback(None),
+        lambda reason: finished.called or finished.errback(reason),
+    )
+    # Interrupted: log out, rather than see the connection lost and retry.
+    interrupted = False
+
+    def shuttingDown() -> defer.Deferred[None]:
+        nonlocal interrupted
+        interrupted = True
+        return watching.stop()
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", shuttingDown)
+    try:
+        await finished
+    except Kicked as e:
+        raise _kicked(e.reason) from None
+    except Exception:
+        raise explain(Failure(), where, options["timeout"]) from None
+    finally:
+        if not interrupted:
+            reactor.removeSystemEventTrigger(trigger)
+        await watching.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,8 +17,8 @@ OUTCOMES = ("ok", "bad_credentials", "too_many", "refused", "abandoned", "error"
 
 #: Why the server ended a session, as the C{why} label of
 #: C{pbrealms_sessions_dropped_total}: replaced by a newer login, replaced as
-#: stale, gone silent on keepalive, or gone while being pushed to.
-DROPPED = ("replaced", "stale", "keepalive", "gone")
+#: stale, or silent on keepalive.
+DROPPED = ("replaced", "stale", "keepalive")
 
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _LONG = (1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600, 7 * 24 * 3600)

@@ -7,6 +7,7 @@ Sessions are counted, limited and closed by the L{SessionRegistry}, never here.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from twisted.cred.portal import IRealm
@@ -175,16 +176,10 @@ class SessionsRealm(LimitedRealm):
         pushed = self.registry.metrics.pushed
         for other in self.registry.sessionsOf(session.user):
             if other is not session and other.active and other.mind is not None:
-                gone = _dropper(self.registry, other)
+                # Gone means disconnected: end the session now, not only
+                # once PB gets round to telling of the disconnect.
+                gone = partial(other.close, "disconnected")
                 push(other.mind, method, *args, onGone=gone).addCallback(pushed)
-
-
-def _dropper(registry: SessionRegistry, session: Session):
-    def gone() -> None:
-        if not session.closed:
-            registry.drop(session, "disconnected", "gone")
-
-    return gone
 
 
 REALMS: dict[str, type[Realm]] = {

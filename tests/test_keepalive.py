@@ -1,0 +1,149 @@
+"""
+Liveness: the keepalive ping, with task.Clock and over real loopback TCP, and
+TCP keepalive on every accepted connection.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest_twisted
+from conftest import eventually
+from test_when_full import Events, silence
+from twisted.internet import defer, task
+
+from pbrealms.sessions import Keepalive, SessionRegistry
+
+
+class FakeConnection:
+    """
+    A connection whose answers to pings the test gives.
+    """
+
+    def __init__(self) -> None:
+        self.pings: list[defer.Deferred] = []
+        self.drops = 0
+
+    @property
+    def connected(self) -> bool:
+        return not self.drops
+
+    def ping(self, timeout: float | None = None) -> defer.Deferred[bool]:
+        d: defer.Deferred[bool] = defer.Deferred()
+        self.pings.append(d)
+        return d
+
+    def drop(self) -> None:
+        self.drops += 1
+
+    def answer(self) -> None:
+        for d in self.pings:
+            if not d.called:
+                d.callback(True)
+
+
+def loggedIn(registry: SessionRegistry, user: str, connection, mind=object()):
+    session = registry.open(user, f"{user}-peer", mind, connection)
+    registry.activate(session)
+    return session
+
+
+def test_a_silent_connection_is_dropped_one_interval_after_its_ping():
+    clock = task.Clock()
+    registry = SessionRegistry(clock, realm="sessions")
+    healthy, silent = FakeConnection(), FakeConnection()
+    fine = loggedIn(registry, "alice", healthy)
+    # Two sessions on the silent connection: both end, each once.
+    lost = [loggedIn(registry, "alice", silent), loggedIn(registry, "bob", silent, mind=None)]
+    logouts = []
+    for session in (fine, *lost):
+        session.onClose(lambda s=session: logouts.append(s.id))
+    keepalive = Keepalive(registry, 60)
+    keepalive.startService()
+    try:
+        clock.advance(59.9)
+        assert healthy.pings == silent.pings == []
+        clock.advance(0.1)
+        assert len(healthy.pings) == len(silent.pings) == 1  # one ping per connection
+        healthy.answer()
+        clock.advance(59.9)
+        assert logouts == []
+        clock.advance(0.1)
+        assert sorted(logouts) == sorted(s.id for s in lost)
+        assert silent.drops >= 1
+        assert healthy.drops == 0
+        assert not fine.closed
+        assert len(healthy.pings) == 2
+        # A healthy connection stays as long as it answers.
+        for _ in range(5):
+            healthy.answer()
+            clock.advance(60)
+        assert not fine.closed
+        assert registry.metrics.dropped.labels("keepalive")._value.get() == 2
+    finally:
+        keepalive.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_sessions_without_a_connection_or_not_logged_in_are_left_alone():
+    clock = task.Clock()
+    registry = SessionRegistry(clock)
+    connection = FakeConnection()
+    pending = registry.open("alice", "p", object(), connection)  # still logging in
+    unpingable = loggedIn(registry, "bob", None)
+    keepalive = Keepalive(registry, 1)
+    keepalive.startService()
+    clock.advance(1)
+    clock.advance(1)
+    keepalive.stopService()
+    assert connection.pings == []
+    assert not pending.closed and not unpingable.closed
+
+
+def test_a_connection_whose_sessions_ended_is_forgotten():
+    clock = task.Clock()
+    registry = SessionRegistry(clock)
+    connection = FakeConnection()
+    session = loggedIn(registry, "alice", connection)
+    keepalive = Keepalive(registry, 1)
+    keepalive.startService()
+    clock.advance(1)
+    session.close()
+    clock.advance(1)
+    keepalive.stopService()
+    assert keepalive._unanswered == set()
+    assert connection.drops == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_keepalive_drops_a_client_that_stops_answering(harness, reactor, log):
+    served = await harness.serve("sessions")
+    events = Events()
+    served.registry.observe(events)
+    healthy = await served.login("alice")
+    stuck = await served.login("alice")
+    silence(stuck)
+    keepalive = Keepalive(served.registry, 0.2)
+    keepalive.startService()
+    try:
+        await eventually(reactor, lambda: served.registry.countOf("alice") == 1, timeout=3)
+        reasons = [e[2] for e in events.seen if e[0] == "closed"]
+        assert reasons == ["did not answer a keepalive ping within 0.2 s"]
+        # The healthy one answers ping after ping, and stays.
+        await task.deferLater(reactor, 0.6, lambda: None)
+        assert await healthy.callRemote("greet") == "<1>hello alice"
+        assert served.registry.countOf("alice") == 1
+    finally:
+        keepalive.stopService()
+    assert any("alice did not answer a keepalive ping within 0.2 s" in m for m in log.messages())
+    await eventually(reactor, lambda: served.factory.made[1].disconnected)
+    stuck.perspective.broker.transport.resumeProducing()
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_accepted_connection_has_tcp_keepalive(harness):
+    served = await harness.serve("cache")
+    await served.login("alice")
+    (broker,) = served.factory.made
+    sock = broker.transport.getHandle()
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1

@@ -1,0 +1,229 @@
+"""
+The session-conflict policies (--when-full) over real loopback TCP, and the
+per-user limit while logins, replacements and disconnects race.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import pytest_twisted
+from conftest import USERS, eventually
+from test_sessions_realm import RecordingMind
+from twisted.cred.credentials import UsernamePassword
+from twisted.internet import defer, task
+from twisted.spread import pb
+
+from pbrealms.errors import TooManyConnections, localize
+from pbrealms.metrics import DROPPED
+from pbrealms.sessions import REFUSE, REPLACE_OLDEST, REPLACE_STALE, WHEN_FULL, Session
+
+LIMITING = ["limited", "sessions"]
+
+
+class Events:
+    """
+    Records sessions opening and closing, in order, as the realm sees them.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def sessionOpened(self, session: Session) -> None:
+        self.seen.append(("opened", session.id))
+
+    def sessionClosed(self, session: Session, reason: str) -> None:
+        self.seen.append(("closed", session.id, reason))
+
+    def closes(self, id: int) -> list[str]:
+        return [e[2] for e in self.seen if e[0] == "closed" and e[1] == id]
+
+
+def idOf(served, conn) -> int:
+    """
+    The server's id of the session C{conn} logged in to.
+    """
+    broker = conn.perspective.broker
+    local = served.factory.made
+    (session,) = [
+        s
+        for s in served.registry
+        if s.connection is not None
+        and s.connection.broker in local
+        and s.connection.broker.transport.getPeer().port == broker.transport.getHost().port
+    ]
+    return session.id
+
+
+def silence(conn) -> None:
+    """
+    Make a client stop answering: it reads nothing more, as behind a dead NAT.
+    """
+    conn.perspective.broker.transport.pauseProducing()
+
+
+@pytest.mark.parametrize("realm", LIMITING)
+@pytest_twisted.ensureDeferred
+async def test_refuse_keeps_the_old_sessions(harness, realm):
+    served = await harness.serve(realm, maxPerUser=1, whenFull=REFUSE)
+    mind = RecordingMind()
+    old = await served.login("alice", mind=mind)
+    with pytest.raises(TooManyConnections):
+        await served.login("alice")
+    assert await old.callRemote("greet") == "<1>hello alice"
+    assert mind.of("kicked") == []
+
+
+@pytest.mark.parametrize("realm", LIMITING)
+@pytest_twisted.ensureDeferred
+async def test_replace_oldest_tells_and_ends_the_oldest_before_admitting(
+    harness, reactor, log, realm
+):
+    served = await harness.serve(realm, maxPerUser=2, whenFull=REPLACE_OLDEST)
+    events = Events()
+    served.registry.observe(events)
+    oldMind, middleMind = RecordingMind(), RecordingMind()
+    old = await served.login("alice", mind=oldMind)
+    middle = await served.login("alice", mind=middleMind)
+    oldId = idOf(served, old)
+    new = await served.login("alice")
+    newId = idOf(served, new)
+
+    (reason,) = oldMind.of("kicked")
+    assert reason.startswith("replaced by a newer login of alice from 127.0.0.1:")
+    # The old session ended (its logout ran) before the new one opened.
+    assert events.seen.index(("closed", oldId, "was replaced by a newer login")) < (
+        events.seen.index(("opened", newId))
+    )
+    await eventually(reactor, lambda: old.perspective.broker.disconnected)
+    with pytest.raises((pb.PBConnectionLost, pb.DeadReferenceError)):
+        await old.callRemote("greet")
+    assert await middle.callRemote("greet") == "<1>hello alice"
+    assert await new.callRemote("greet") == "<2>hello alice"
+    assert middleMind.of("kicked") == []
+    assert served.registry.countOf("alice") == 2
+    assert events.closes(oldId) == ["was replaced by a newer login"]
+    assert served.registry.metrics.dropped.labels("replaced")._value.get() == 1
+    assert any(
+        m.startswith("alice was replaced by a newer login from 127.0.0.1:") for m in log.messages()
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_replace_oldest_waits_a_bounded_time_for_a_silent_client(harness, reactor):
+    served = await harness.serve("sessions", maxPerUser=1, whenFull=REPLACE_OLDEST, pingTimeout=0.3)
+    old = await served.login("alice", mind=RecordingMind())
+    silence(old)
+    started = reactor.seconds()
+    new = await served.login("alice")
+    assert 0.3 <= reactor.seconds() - started < 2
+    assert await new.callRemote("greet") == "<1>hello alice"
+    assert [s.id for s in served.registry] == [idOf(served, new)]
+
+
+@pytest.mark.parametrize("realm", LIMITING)
+@pytest_twisted.ensureDeferred
+async def test_replace_stale_refuses_while_the_old_session_answers(harness, realm):
+    served = await harness.serve(realm, maxPerUser=1, whenFull=REPLACE_STALE, pingTimeout=5)
+    mind = RecordingMind()
+    old = await served.login("alice", mind=mind)
+    with pytest.raises(TooManyConnections):
+        await served.login("alice")
+    assert await old.callRemote("greet") == "<1>hello alice"
+    assert mind.pushes == []
+
+
+@pytest.mark.parametrize("realm", LIMITING)
+@pytest_twisted.ensureDeferred
+async def test_replace_stale_replaces_a_session_that_does_not_answer(harness, reactor, log, realm):
+    served = await harness.serve(realm, maxPerUser=1, whenFull=REPLACE_STALE, pingTimeout=0.3)
+    events = Events()
+    served.registry.observe(events)
+    old = await served.login("alice", mind=RecordingMind())
+    oldId = idOf(served, old)
+    silence(old)
+    started = reactor.seconds()
+    new = await served.login("alice")
+    assert 0.3 <= reactor.seconds() - started < 2
+    assert await new.callRemote("greet") == "<1>hello alice"
+    assert events.closes(oldId) == ["did not answer a ping, and was replaced"]
+    assert served.registry.countOf("alice") == 1
+    assert served.registry.metrics.dropped.labels("stale")._value.get() == 1
+    assert any("alice did not answer a ping, and was replaced from" in m for m in log.messages())
+    await eventually(reactor, lambda: all(b.disconnected for b in served.factory.made[:1]))
+
+
+async def racer(served, reactor, rng: random.Random, mind) -> pb.RemoteReference | None:
+    """
+    A client that logs in as alice and, at a random moment (before, during
+    or after its login, or never), disconnects or stops answering.
+    """
+    factory = pb.PBClientFactory()
+    connector = reactor.connectTCP("127.0.0.1", served.port.getHost().port, factory)
+    served.harness.connectors.append(connector)
+    login = factory.login(UsernamePassword(b"alice", USERS["alice"].encode()), client=mind)
+    # A silenced client never hears the answer.
+    login.addErrback(localize).addTimeout(1.0, reactor)
+    fate = rng.choice(["stay", "drop", "silence", "silence once in"])
+    delay = rng.choice([0, 0.001, 0.005, 0.02, 0.05])
+    await task.deferLater(reactor, delay, lambda: None)
+    if fate == "drop":
+        connector.disconnect()
+    elif fate == "silence" and factory._broker is not None:
+        factory._broker.transport.pauseProducing()
+    try:
+        perspective = await login
+    except Exception:
+        return None  # refused, dropped or silenced: the server's count is what matters
+    if fate == "silence once in":
+        perspective.broker.transport.pauseProducing()
+    return perspective
+
+
+@pytest.mark.parametrize("whenFull", WHEN_FULL)
+@pytest_twisted.ensureDeferred
+async def test_the_limit_holds_while_logins_replacements_and_disconnects_race(
+    harness, reactor, whenFull
+):
+    n = 2
+    served = await harness.serve("sessions", maxPerUser=n, whenFull=whenFull, pingTimeout=0.2)
+    registry = served.registry
+    events = Events()
+    registry.observe(events)
+    peak = 0
+    open = registry.open
+
+    def counted(*args, **kw) -> Session:
+        nonlocal peak
+        session = open(*args, **kw)
+        peak = max(peak, registry.countOf("alice"))
+        return session
+
+    registry.open = counted
+    rng = random.Random(f"race-{whenFull}")
+    for _ in range(3):
+        clients = [
+            defer.ensureDeferred(racer(served, reactor, rng, RecordingMind())) for _ in range(12)
+        ]
+        await defer.gatherResults(clients)
+        assert registry.countOf("alice") <= n
+
+    # Everyone leaves: every session that opened closes, exactly once.
+    for connector in harness.connectors:
+        if getattr(connector, "transport", None) is not None:
+            connector.transport.resumeProducing()
+        connector.disconnect()
+    await eventually(reactor, lambda: len(registry) == 0)
+    await eventually(reactor, lambda: all(b.disconnected for b in served.factory.made))
+    assert peak == n
+    opened = [e[1] for e in events.seen if e[0] == "opened"]
+    closed = [e[1] for e in events.seen if e[0] == "closed"]
+    assert sorted(opened) == sorted(closed)
+    assert len(set(closed)) == len(closed)
+    assert not registry._replacing
+    # The race went through the policy's replacements, not around them.
+    dropped = {why for why in DROPPED if registry.metrics.dropped.labels(why)._value.get()}
+    assert (
+        dropped == {REFUSE: set(), REPLACE_OLDEST: {"replaced"}, REPLACE_STALE: {"stale"}}[whenFull]
+    )
