@@ -504,3 +504,73 @@ def test_makeService_clock_period(capsys, tmp_path):
     assert makeService(options).getServiceNamed("pb-listener").factory.root.realm.period == 1.0
     realm = makeService(options2).getServiceNamed("pb-listener").factory.root.realm
     assert realm.period == 0.25
+
+
+# --when-full, --ping-timeout, --keepalive
+
+
+def test_sessions_has_no_limit_unless_given(capsys):
+    assert parse(capsys, "--realm=sessions")["max"] is None
+    assert parse(capsys, "--realm=sessions", "--max=3")["max"] == 3
+
+
+@pytest.mark.parametrize("realm", ["limited", "sessions"])
+@pytest.mark.parametrize("policy", ["refuse", "replace-oldest", "replace-stale"])
+def test_when_full_policies(capsys, realm, policy):
+    options = parse(capsys, "--realm", realm, "--max=2", "--when-full", policy)
+    assert options["when-full"] == policy
+    server = makeService(options)
+    assert server.getServiceNamed("pb-listener").factory.root.registry.whenFull == policy
+
+
+def test_when_full_defaults_to_refuse(capsys):
+    assert parse(capsys, "--realm=limited")["when-full"] == "refuse"
+
+
+def test_an_unknown_policy_is_refused(capsys):
+    line = refused(capsys, "--realm=limited", "--when-full=kick")
+    assert line == (
+        "unknown --when-full 'kick': choose one of refuse, replace-oldest, replace-stale"
+    )
+
+
+@pytest.mark.parametrize("realm", ["cache", "clock", "sessions"])
+def test_replacing_needs_a_limit(capsys, realm):
+    line = refused(capsys, "--realm", realm, "--when-full=replace-oldest")
+    assert line.startswith("--when-full=replace-oldest needs --max")
+
+
+def test_policy_from_the_environment(capsys, monkeypatch):
+    monkeypatch.setenv("PBREALMS_WHEN_FULL", "replace-stale")
+    monkeypatch.setenv("PBREALMS_PING_TIMEOUT", "2.5")
+    options = parse(capsys, "--realm=sessions", "--max=1")
+    assert options["when-full"] == "replace-stale"
+    assert options["ping-timeout"] == 2.5
+
+
+def test_keepalive_and_ping_timeout_defaults(capsys):
+    options = parse(capsys)
+    assert options["keepalive"] == 60.0
+    assert options["ping-timeout"] == 10.0
+
+
+def test_keepalive_zero_turns_it_off(capsys):
+    server = makeService(parse(capsys, "--keepalive=0", "--port", LOOPBACK))
+    assert "keepalive" not in [child.name for child in server]
+
+
+def test_keepalive_interval_reaches_the_service(capsys):
+    server = makeService(parse(capsys, "--keepalive=2.5", "--port", LOOPBACK))
+    assert server.getServiceNamed("keepalive").interval == 2.5
+
+
+@pytest.mark.parametrize("value", ["-1", "abc", "nan", "inf"])
+def test_a_bad_keepalive_is_refused(capsys, value):
+    line = refused(capsys, "--keepalive", value)
+    assert line == f"--keepalive must be a number of seconds, or 0 for none, not {value!r}"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc"])
+def test_a_bad_ping_timeout_is_refused(capsys, value):
+    line = refused(capsys, "--ping-timeout", value)
+    assert line == f"--ping-timeout must be a number above 0, not {value!r}"

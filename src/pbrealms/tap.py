@@ -125,14 +125,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         [
             "ping-timeout",
             None,
-            str(DEFAULT_PING_TIMEOUT),
+            f"{DEFAULT_PING_TIMEOUT:g}",
             "Seconds to wait for a session that is pinged (replace-stale) or told that "
             "it is replaced (replace-oldest).",
         ],
         [
             "keepalive",
             None,
-            str(DEFAULT_KEEPALIVE),
+            f"{DEFAULT_KEEPALIVE:g}",
             "Ping every logged-in connection this often, in seconds, and drop those "
             "that have not answered a whole interval later; 0 turns it off.",
         ],
