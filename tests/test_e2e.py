@@ -87,7 +87,7 @@ def serve(tmp_path: Path, pwfile: Path) -> Iterator:
     servers: list[Server] = []
     handles = []
 
-    def start(*options: str, twistdOptions: tuple[str, ...] = ()) -> Server:
+    def start(*options: str, twistdOptions: tuple[str, ...] = (), port: int = 0) -> Server:
         output = tmp_path / f"twistd-{len(servers)}.log"
         handle = output.open("wb")
         handles.append(handle)
@@ -98,7 +98,7 @@ def serve(tmp_path: Path, pwfile: Path) -> Iterator:
             "--pidfile=",
             "pbrealms",
             "--port",
-            "tcp:0:interface=127.0.0.1",
+            f"tcp:{port}:interface=127.0.0.1",
             "--passwd",
             str(pwfile),
             *options,
@@ -367,3 +367,134 @@ def test_graceful_shutdown_waits_the_grace_period_at_most(serve, sig, tmp_path):
         assert "shutting down: telling 1 session, waiting up to 1 s for answers" in output
     finally:
         stop(silent)
+
+
+class Watch:
+    """
+    A C{pbrealms-client ... watch} process, its output and errors going to files.
+    """
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.outPath, self.errPath = tmp_path / "watch.out", tmp_path / "watch.err"
+        with self.outPath.open("wb") as out, self.errPath.open("wb") as err:
+            self.process = subprocess.Popen(
+                [*CLIENT, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=environment(),
+            )
+
+    def lines(self) -> list[str]:
+        return self.outPath.read_text(errors="replace").splitlines()
+
+    def errors(self) -> list[str]:
+        return self.errPath.read_text(errors="replace").splitlines()
+
+    def waitFor(self, condition, what: str) -> None:
+        def met() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"watch exited with {self.process.returncode}: {self.errors()}"
+                )
+            return condition()
+
+        waitFor(met, START_TIMEOUT, what)
+
+    def connections(self) -> int:
+        return sum(line.startswith("connected to ") for line in self.errors())
+
+    def interrupt(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(STOP_TIMEOUT)
+
+
+def test_watch_prints_what_the_other_sessions_do(serve, alicePassword, tmp_path):
+    server = serve("--realm=sessions")
+    common = [
+        "--connect", server.endpoint, "--user", "alice", "--password-file", str(alicePassword),
+    ]  # fmt: skip
+    watch = Watch(tmp_path, *common, "watch")
+    try:
+        watch.waitFor(lambda: watch.connections() == 1, "watch logged in")
+        result = client(*common, "greet")
+        assert result.stdout == "<1>hello alice\n", result.stderr
+        watch.waitFor(lambda: len(watch.lines()) >= 3, "watch printing")
+        opened, greeting, closed = watch.lines()
+        session = re.fullmatch(r"session (\d+) opened from (127\.0\.0\.1:\d+)", opened)
+        assert session, opened
+        assert greeting == "greeting <1>hello alice"
+        number, peer = session.groups()
+        assert closed in (
+            f"session {number} closed from {peer}: disconnected",
+            f"session {number} closed from {peer}: logged out",
+        )
+        # Interrupted, it logs out and exits quietly.
+        assert watch.interrupt() == 0
+        assert watch.errors() == [f"connected to {server.endpoint} as alice"]
+        assert len(watch.lines()) == 3
+    finally:
+        stop(watch.process)
+    output = server.terminate()
+    assert output.count("alice logged in") == 2
+    assert output.count("alice disconnected") == 2
+
+
+def test_watch_kicked_by_a_newer_login_exits_7(serve, alicePassword, tmp_path):
+    server = serve("--realm=sessions", "--max=1", "--when-full=replace-oldest")
+    common = [
+        "--connect", server.endpoint, "--user", "alice", "--password-file", str(alicePassword),
+    ]  # fmt: skip
+    watch = Watch(tmp_path, *common, "watch")
+    try:
+        watch.waitFor(lambda: watch.connections() == 1, "watch logged in")
+        result = client(*common, "greet")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "<1>hello alice\n"
+        assert watch.process.wait(STOP_TIMEOUT) == 7
+    finally:
+        stop(watch.process)
+    kicked = re.compile(r"kicked: replaced by a newer login of alice from 127\.0\.0\.1:\d+")
+    (line,) = watch.lines()
+    assert kicked.fullmatch(line), line
+    connected, last = watch.errors()
+    assert connected == f"connected to {server.endpoint} as alice"
+    assert last == f"pbrealms-client: {line}"
+    output = server.terminate()
+    assert output.count("alice logged in") == 2
+
+
+def test_watch_comes_back_after_a_restart_and_subscribes_again(serve, alicePassword, tmp_path):
+    # The server's period is long: only the watch's --period makes ticks come
+    # this often, and so only if it asks again after logging in again.
+    server = serve("--realm=clock", "--period=60")
+    common = [
+        "--connect", server.endpoint, "--user", "alice", "--password-file", str(alicePassword),
+    ]  # fmt: skip
+    watch = Watch(tmp_path, *common, "watch", "--period", "0.1")
+
+    def ticks() -> int:
+        return sum(line.startswith("time ") for line in watch.lines())
+
+    try:
+        watch.waitFor(lambda: ticks() >= 3, "ticks from the first server")
+        for line in watch.lines():
+            assert re.fullmatch(r"time \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} UTC", line), line
+        server.terminate()
+        watch.waitFor(
+            lambda: any("reconnecting in" in line for line in watch.errors()), "watch retrying"
+        )
+        assert "server shutting down: the server is shutting down" in watch.lines()
+        again = serve("--realm=clock", "--period=60", port=server.port)
+        watch.waitFor(lambda: watch.connections() == 2, "watch logged in again")
+        before = ticks()
+        watch.waitFor(lambda: ticks() >= before + 3, "ticks from the second server")
+        assert watch.interrupt() == 0
+    finally:
+        stop(watch.process)
+    errors = watch.errors()
+    assert errors[0] == errors[-1] == f"connected to {again.endpoint} as alice"
+    assert f"lost the connection to {server.endpoint}; reconnecting in " in errors[1]
+    for line in errors[1:-1]:
+        assert re.fullmatch(r".*; reconnecting in \d+\.\d s", line), line
+    assert again.terminate().count("alice logged in") == 1

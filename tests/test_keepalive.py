@@ -42,7 +42,10 @@ class FakeConnection:
                 d.callback(True)
 
 
-def loggedIn(registry: SessionRegistry, user: str, connection, mind=object()):
+MIND = object()
+
+
+def loggedIn(registry: SessionRegistry, user: str, connection, mind=MIND):
     session = registry.open(user, f"{user}-peer", mind, connection)
     registry.activate(session)
     return session

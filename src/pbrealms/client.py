@@ -14,7 +14,8 @@ lost, and doing again what C{onLogin} does (here: subscribing to the time):
     ...     onLogin=lambda conn: conn.callRemote("setperiod", 5),
     ... )
     >>> stopped = session.start()  # fails with Kicked, BadCredentials ... if it gives up
-    >>> await session.connection.callRemote("greet")  # None while reconnecting
+    >>> if session.connection is not None:  # None while it is not logged in
+    ...     await session.connection.callRemote("greet")
     '<2>hello alice'
     >>> await session.stop()
 """
@@ -347,17 +348,17 @@ class ReconnectingSession:
             ignores every push by default.  It must be a L{ClientMind}, the
             only kind that notices a kick.
         @param onLogin: called with the L{Connection} after every login, to
-            do again what a new session needs (subscribe to pushes, say); a
-            L{Deferred} or coroutine it returns is waited for.  If it fails
-            while the connection is still open, the session stops with its
-            failure.
+            do again what a new session needs (subscribe to pushes, say).  It
+            may return a L{Deferred} or a coroutine.  If it fails while the
+            connection is still open, the session stops with its failure;
+            L{stop} cancels it.
         @param onLost: called with the reason and the delay in seconds before
             the next attempt, whenever the connection is lost or an attempt
             fails and it will try again.
         @param timeout: seconds that each attempt may take (see L{connect}).
         @param sendPassword: as for L{connect}.
-        @param initialDelay: seconds before the first attempt after a login
-            or a failure that follows one.
+        @param initialDelay: the first delay, in seconds (before jitter):
+            after the first failed attempt, and after a lost connection.
         @param factor: how much longer each next delay is.
         @param maxDelay: the longest delay.
         @param jitter: returns a number from 0 to 1 for each delay: 0 waits
@@ -792,9 +793,7 @@ async def run(
                 )
             if sub["period"] is not None:
                 await conn.callRemote("setperiod", sub["period"])
-            conn.perspective.broker.notifyOnDisconnect(
-                lambda: done.called or done.errback(pb.PBConnectionLost())
-            )
+            conn.notifyOnDisconnect(lambda: done.called or done.errback(pb.PBConnectionLost()))
             await done
     except CommandFailed:
         raise
