@@ -103,7 +103,25 @@ def test_sessions_without_a_connection_or_not_logged_in_are_left_alone():
     assert not pending.closed and not unpingable.closed
 
 
-def test_a_connection_whose_sessions_ended_is_forgotten():
+def test_a_silent_connection_is_dropped_even_if_its_sessions_come_and_go():
+    clock = task.Clock()
+    registry = SessionRegistry(clock)
+    connection = FakeConnection()
+    loggedIn(registry, "alice", connection)
+    keepalive = Keepalive(registry, 1)
+    keepalive.startService()
+    clock.advance(1)
+    registry.sessionsOf("alice")[0].close()
+    clock.advance(1)  # no session here at this sweep
+    late = loggedIn(registry, "alice", connection)
+    clock.advance(1)
+    keepalive.stopService()
+    assert len(connection.pings) == 1
+    assert late.closed
+    assert connection.drops == 1
+
+
+def test_an_answered_connection_is_forgotten():
     clock = task.Clock()
     registry = SessionRegistry(clock)
     connection = FakeConnection()
@@ -112,7 +130,7 @@ def test_a_connection_whose_sessions_ended_is_forgotten():
     keepalive.startService()
     clock.advance(1)
     session.close()
-    clock.advance(1)
+    connection.answer()
     keepalive.stopService()
     assert keepalive._unanswered == set()
     assert connection.drops == 0
@@ -126,19 +144,19 @@ async def test_keepalive_drops_a_client_that_stops_answering(harness, reactor, l
     healthy = await served.login("alice")
     stuck = await served.login("alice")
     silence(stuck)
-    keepalive = Keepalive(served.registry, 0.2)
+    keepalive = Keepalive(served.registry, 0.3)
     keepalive.startService()
     try:
         await eventually(reactor, lambda: served.registry.countOf("alice") == 1, timeout=3)
         reasons = [e[2] for e in events.seen if e[0] == "closed"]
-        assert reasons == ["did not answer a keepalive ping within 0.2 s"]
+        assert reasons == ["did not answer a keepalive ping within 0.3 s"]
         # The healthy one answers ping after ping, and stays.
         await task.deferLater(reactor, 0.6, lambda: None)
         assert await healthy.callRemote("greet") == "<1>hello alice"
         assert served.registry.countOf("alice") == 1
     finally:
         keepalive.stopService()
-    assert any("alice did not answer a keepalive ping within 0.2 s" in m for m in log.messages())
+    assert any("alice did not answer a keepalive ping within 0.3 s" in m for m in log.messages())
     await eventually(reactor, lambda: served.factory.made[1].disconnected)
     stuck.perspective.broker.transport.resumeProducing()
 

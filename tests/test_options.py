@@ -564,10 +564,10 @@ def test_keepalive_interval_reaches_the_service(capsys):
     assert server.getServiceNamed("keepalive").interval == 2.5
 
 
-@pytest.mark.parametrize("value", ["-1", "abc", "nan", "inf"])
+@pytest.mark.parametrize("value", ["-1", "abc", "nan", "inf", "0.5", "1e-6"])
 def test_a_bad_keepalive_is_refused(capsys, value):
     line = refused(capsys, "--keepalive", value)
-    assert line == f"--keepalive must be a number of seconds, or 0 for none, not {value!r}"
+    assert line == f"--keepalive must be 1 or more seconds, or 0 for none, not {value!r}"
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "abc"])

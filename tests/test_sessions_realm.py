@@ -12,6 +12,7 @@ from twisted.internet import defer, task
 from twisted.spread import pb
 
 from pbrealms.errors import BadArguments
+from pbrealms.push import MAX_UNANSWERED
 from pbrealms.realms import SessionsRealm
 from pbrealms.sessions import SessionRegistry
 
@@ -129,12 +130,31 @@ async def test_idle_counts_from_the_last_call(harness, reactor):
     served = await harness.serve("sessions")
     quiet = await served.login("alice")
     busy = await served.login("alice")
-    await task.deferLater(reactor, 0.2, lambda: None)
+    observer = await served.login("alice")
+    await task.deferLater(reactor, 0.3, lambda: None)
     await busy.callRemote("greet")
-    listed = await busy.callRemote("sessions")
-    assert listed[0]["idle"] >= 0.2
-    assert listed[1]["idle"] < 0.2
+    await task.deferLater(reactor, 0.1, lambda: None)
+    idle = [s["idle"] for s in await observer.callRemote("sessions")]
+    assert idle[0] >= 0.4
+    assert 0.1 <= idle[1] < idle[0] - 0.2
     assert quiet is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_pushes_to_a_client_that_stops_reading_are_bounded(harness, reactor):
+    served = await harness.serve("sessions")
+    await served.login("alice", mind=RecordingMind())
+    stuck = await served.login("alice", mind=RecordingMind())
+    greeter = await served.login("alice")
+    stuck.perspective.broker.transport.pauseProducing()
+    for _ in range(200):
+        await greeter.callRemote("greet")
+    pushes = served.registry.metrics.pushes
+    assert pushes.labels("skipped")._value.get() >= 200 - MAX_UNANSWERED
+    session = served.registry.sessionsOf("alice")[1]
+    assert session.unanswered == MAX_UNANSWERED
+    stuck.perspective.broker.transport.resumeProducing()
+    await eventually(reactor, lambda: session.unanswered == 0)
 
 
 class GoneMind:

@@ -15,7 +15,7 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, task
 from twisted.spread import pb
 
-from pbrealms.errors import TooManyConnections, localize
+from pbrealms.errors import LoginRefused, SessionEnded, ShuttingDown, TooManyConnections, localize
 from pbrealms.metrics import DROPPED
 from pbrealms.sessions import REFUSE, REPLACE_OLDEST, REPLACE_STALE, WHEN_FULL, Session
 
@@ -154,10 +154,12 @@ async def test_replace_stale_replaces_a_session_that_does_not_answer(harness, re
     await eventually(reactor, lambda: all(b.disconnected for b in served.factory.made[:1]))
 
 
-async def racer(served, reactor, rng: random.Random, mind) -> pb.RemoteReference | None:
+async def racer(served, reactor, rng: random.Random, mind) -> object:
     """
     A client that logs in as alice and, at a random moment (before, during
     or after its login, or never), disconnects or stops answering.
+
+    @return: its perspective, L{TooManyConnections}, or L{None} if it went.
     """
     factory = pb.PBClientFactory()
     connector = reactor.connectTCP("127.0.0.1", served.port.getHost().port, factory)
@@ -174,8 +176,10 @@ async def racer(served, reactor, rng: random.Random, mind) -> pb.RemoteReference
         factory._broker.transport.pauseProducing()
     try:
         perspective = await login
+    except TooManyConnections as e:
+        return e
     except Exception:
-        return None  # refused, dropped or silenced: the server's count is what matters
+        return None  # dropped or silenced: the server's count is what matters
     if fate == "silence once in":
         perspective.broker.transport.pauseProducing()
     return perspective
@@ -202,12 +206,16 @@ async def test_the_limit_holds_while_logins_replacements_and_disconnects_race(
 
     registry.open = counted
     rng = random.Random(f"race-{whenFull}")
+    outcomes = []
     for _ in range(3):
         clients = [
             defer.ensureDeferred(racer(served, reactor, rng, RecordingMind())) for _ in range(12)
         ]
-        await defer.gatherResults(clients)
+        outcomes += await defer.gatherResults(clients)
         assert registry.countOf("alice") <= n
+    refusals = sum(isinstance(outcome, TooManyConnections) for outcome in outcomes)
+    # replace-oldest always makes room; the others refuse some of 36 logins.
+    assert (refusals == 0) if whenFull == REPLACE_OLDEST else (refusals > 0)
 
     # Everyone leaves: every session that opened closes, exactly once.
     for connector in harness.connectors:
@@ -227,3 +235,71 @@ async def test_the_limit_holds_while_logins_replacements_and_disconnects_race(
     assert (
         dropped == {REFUSE: set(), REPLACE_OLDEST: {"replaced"}, REPLACE_STALE: {"stale"}}[whenFull]
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_logins_arriving_together_each_replace_the_one_before(harness):
+    served = await harness.serve("sessions", maxPerUser=1, whenFull=REPLACE_OLDEST)
+    await served.login("alice", mind=RecordingMind())
+    minds = [RecordingMind() for _ in range(4)]
+    together = [defer.ensureDeferred(served.login("alice", mind=mind)) for mind in minds]
+    conns = await defer.gatherResults(together)
+    assert [len(mind.of("kicked")) for mind in minds] == [1, 1, 1, 0]
+    assert await conns[-1].callRemote("greet") == "<1>hello alice"
+    assert served.registry.countOf("alice") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_login_replacing_a_session_on_its_own_connection_keeps_it(harness, reactor):
+    served = await harness.serve("sessions", maxPerUser=1, whenFull=REPLACE_OLDEST)
+    factory = pb.PBClientFactory()
+    harness.connectors.append(reactor.connectTCP("127.0.0.1", served.port.getHost().port, factory))
+    credentials = UsernamePassword(b"alice", USERS["alice"].encode())
+    mind = RecordingMind()
+    first = await factory.login(credentials, client=mind)
+    second = await factory.login(credentials, client=mind)
+    assert mind.of("kicked")
+    assert await second.callRemote("greet") == "<1>hello alice"
+    with pytest.raises(SessionEnded):
+        await first.callRemote("greet").addErrback(localize)
+    assert served.registry.countOf("alice") == 1
+    assert not first.broker.disconnected
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_shutdown_during_a_replacement_refuses_the_new_login(harness, reactor, log):
+    served = await harness.serve("sessions", maxPerUser=1, whenFull=REPLACE_OLDEST, pingTimeout=1)
+    events = Events()
+    served.registry.observe(events)
+    old = await served.login("alice", mind=RecordingMind())
+    silence(old)  # it will not answer notifyKicked
+    replacing = defer.ensureDeferred(served.login("alice"))
+    await eventually(reactor, lambda: "alice" in served.registry._replacing)
+    served.registry.closing = True
+    with pytest.raises(ShuttingDown):
+        await replacing
+    assert [e[0] for e in events.seen] == ["opened"]  # the old one was not "replaced"
+    assert served.registry.metrics.dropped.labels("replaced")._value.get() == 0
+    old.perspective.broker.transport.resumeProducing()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_connection_checks_one_login_at_a_time_while_replacing(harness, reactor):
+    served = await harness.serve("sessions", maxPerUser=1, whenFull=REPLACE_OLDEST, pingTimeout=5)
+    old = await served.login("alice", mind=RecordingMind())
+    silence(old)
+    factory = pb.PBClientFactory()
+    harness.connectors.append(reactor.connectTCP("127.0.0.1", served.port.getHost().port, factory))
+    root = await factory.getRootObject()
+    credentials = UsernamePassword(b"alice", USERS["alice"].encode())
+    first = factory.login(credentials)
+    await eventually(reactor, lambda: "alice" in served.registry._replacing)
+    # A second login on that connection while the first waits is refused.
+    challenge, challenger = await root.callRemote("login", b"alice")
+    with pytest.raises(LoginRefused, match="one login at a time"):
+        await challenger.callRemote(
+            "respond", pb.respond(challenge, b"wonderland"), None
+        ).addErrback(localize)
+    assert served.registry._replacing["alice"].waiting == []
+    old.perspective.broker.transport.resumeProducing()
+    assert await (await first).callRemote("greet") == "<1>hello alice"

@@ -141,6 +141,7 @@ class _LoginGate(_RemoteObject):
         self.broker = broker
         self.failures = 0
         self.checking = False
+        self.dropped = False
         self._host: str | None = None
         self._timeout = None
         if root.loginTimeout is not None:
@@ -172,7 +173,7 @@ class _LoginGate(_RemoteObject):
 
     @property
     def connected(self) -> bool:
-        return not self.broker.disconnected
+        return not (self.broker.disconnected or self.dropped)
 
     def ping(self, timeout: float | None = None) -> defer.Deferred[bool]:
         """
@@ -190,8 +191,15 @@ class _LoginGate(_RemoteObject):
         )
 
     def drop(self) -> None:
-        if not self.broker.disconnected:
-            self.broker.transport.abortConnection()
+        if self.dropped or self.broker.disconnected:
+            return
+        self.dropped = True
+        # Nothing more is read (what is already buffered included), and the
+        # connection counts as gone at once, not only once it has closed.
+        ignoreInput = getattr(self.broker, "ignoreInput", None)
+        if ignoreInput is not None:
+            ignoreInput()
+        self.broker.transport.abortConnection()
 
     def begin(self) -> None:
         """
@@ -321,12 +329,14 @@ class _Login:
     def run(self, credentials: _Challenger, mind: object) -> defer.Deferred:
         self.gate.begin()
         d = defer.maybeDeferred(self.root.checker.requestAvatarId, credentials)
-        d.addBoth(self._checked)
         d.addCallback(self._open, mind)
+        # One login at a time covers its admission too, which may wait for
+        # a replaced session to go.
+        d.addBoth(self._done)
         d.addErrback(self._refused)
         return d
 
-    def _checked(self, result: object) -> object:
+    def _done(self, result: object) -> object:
         self.gate.checking = False
         return result
 

@@ -65,6 +65,7 @@ class ServerMetrics:
         self.pushes = Counter(
             "pbrealms_pushes", "Pushes to clients, by result.", ["result"], registry=r
         )
+        self.pushes.labels("skipped")
         # Bound once: pushes are counted on the clock's hot path.
         self._sent, self._failed = self.pushes.labels("sent"), self.pushes.labels("failed")
         self.pushLateness = Histogram(

@@ -19,6 +19,8 @@ from pbrealms.errors import InvalidPeriod
 #: The shortest and longest push periods, in seconds.
 MIN_PERIOD = 0.05
 MAX_PERIOD = 86400.0
+#: The most pushes to one session that may await their answer; more are skipped.
+MAX_UNANSWERED = 64
 
 _log = Logger()
 

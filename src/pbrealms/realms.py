@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from pbrealms.avatars import Avatar, ClockAvatar, Greeter, SessionAvatar, SessionsAvatar
 from pbrealms.errors import MindRequired
-from pbrealms.push import PeriodicPush, push
+from pbrealms.push import MAX_UNANSWERED, PeriodicPush, push
 from pbrealms.sessions import Session, SessionRegistry
 
 
@@ -171,15 +171,30 @@ class SessionsRealm(LimitedRealm):
     def tellOthers(self, session: Session, method: str, *args: object) -> None:
         """
         Push C{method(*args)} to every other logged-in session of
-        C{session}'s user that has a mind.  A session found gone ends.
+        C{session}'s user that has a mind.  A session found gone ends.  A
+        session with L{MAX_UNANSWERED} pushes unanswered is skipped, so that
+        a client that stops reading never makes the server buffer pushes.
+        Nothing is pushed while the server shuts down: every session ends.
         """
-        pushed = self.registry.metrics.pushed
+        if self.registry.closing:
+            return
+        metrics = self.registry.metrics
         for other in self.registry.sessionsOf(session.user):
-            if other is not session and other.active and other.mind is not None:
-                # Gone means disconnected: end the session now, not only
-                # once PB gets round to telling of the disconnect.
-                gone = partial(other.close, "disconnected")
-                push(other.mind, method, *args, onGone=gone).addCallback(pushed)
+            if other is session or not other.active or other.mind is None:
+                continue
+            if other.unanswered >= MAX_UNANSWERED:
+                metrics.pushes.labels("skipped").inc()
+                continue
+            other.unanswered += 1
+            # Gone means disconnected: end the session now, not only once
+            # PB gets round to telling of the disconnect.
+            gone = partial(other.close, "disconnected")
+            push(other.mind, method, *args, onGone=gone).addCallback(_answered, other, metrics)
+
+
+def _answered(delivered: bool, session: Session, metrics) -> bool:
+    session.unanswered -= 1
+    return metrics.pushed(delivered)
 
 
 REALMS: dict[str, type[Realm]] = {

@@ -17,6 +17,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pbrealms.errors import ShuttingDown, TooManyConnections
 from pbrealms.metrics import ServerMetrics
@@ -76,6 +77,7 @@ class Session:
         L{None}.
     @ivar connection: the connection the session came on, or L{None}.
     @ivar lastCall: when the client last called its avatar (or logged in).
+    @ivar unanswered: how many pushes to its mind await their answer.
     """
 
     __slots__ = (
@@ -89,6 +91,7 @@ class Session:
         "mind",
         "peer",
         "since",
+        "unanswered",
         "user",
     )
 
@@ -110,6 +113,7 @@ class Session:
         self.mind = mind
         self.connection = connection
         self.lastCall = since
+        self.unanswered = 0
         self.active = False
         self.closed = False
         self._onClose: list[Callable[[], object]] = []
@@ -143,6 +147,7 @@ class Session:
                 self._registry._log.failure(
                     "error while closing session {id} of {user}", id=self.id, user=self.user
                 )
+        self._registry._settled(self)
 
     def info(self) -> dict[str, object]:
         """
@@ -198,6 +203,9 @@ class SessionRegistry:
         # Users with a login waiting for a replaced session to go: their
         # logins are admitted one at a time, in order.
         self._replacing: dict[str, defer.DeferredLock] = {}
+        # Sessions admitted under that lock, and how to release it once each
+        # has logged in or ended.
+        self._settling: dict[int, Callable[[], None]] = {}
 
     def observe(self, observer: SessionObserver) -> None:
         """
@@ -228,8 +236,10 @@ class SessionRegistry:
         """
         Admit a new session of C{user}, making room for it as C{whenFull}
         says.  The limit holds at every instant: a replaced session has
-        closed (and its logout run) before the new one opens, and the
-        logins of a user that is replacing are admitted one at a time.
+        closed (and its logout run) before the new one opens.  The logins of
+        a user that is replacing are admitted one at a time, each once the
+        one before is logged in (L{activate}) or has ended, so that each
+        finds the sessions before it replaceable.
 
         @return: a L{Deferred} firing with the session, or failing with
             L{TooManyConnections}, L{ShuttingDown}, or L{ConnectionGone} if
@@ -240,24 +250,30 @@ class SessionRegistry:
                 return defer.maybeDeferred(self.open, user, peer, mind, connection)
         lock = self._replacing.setdefault(user, defer.DeferredLock())
 
-        def replace() -> defer.Deferred[Session]:
-            return defer.ensureDeferred(self._replaceAndOpen(user, peer, mind, connection))
-
-        def released(result: object) -> object:
+        def release(_: object = None) -> None:
+            lock.release()
             if not lock.locked and self._replacing.get(user) is lock:
                 del self._replacing[user]
-            return result
 
-        return lock.run(replace).addBoth(released)
+        def opened(session: Session) -> Session:
+            self._settling[session.id] = release
+            return session
+
+        def refused(reason: Failure) -> Failure:
+            release()
+            return reason
+
+        d = lock.acquire()
+        d.addCallback(
+            lambda _: defer.ensureDeferred(self._replaceAndOpen(user, peer, mind, connection))
+        )
+        return d.addCallbacks(opened, refused)
 
     async def _replaceAndOpen(
         self, user: str, peer: str, mind: object, connection: Connection | None
     ) -> Session:
         while True:
-            if self.closing:
-                raise ShuttingDown()
-            if connection is not None and not connection.connected:
-                raise ConnectionGone()
+            self._stillWanted(connection)
             if not self._full(user):
                 return self.open(user, peer, mind, connection)
             # Only a logged-in session is replaced: one still logging in
@@ -267,12 +283,35 @@ class SessionRegistry:
                 raise TooManyConnections(self.maxPerUser)
             if self.whenFull == REPLACE_STALE:
                 if await self._answers(oldest):
-                    raise TooManyConnections(self.maxPerUser)
-                if not oldest.closed:
+                    self._stillWanted(connection)
+                    if self._full(user):
+                        raise TooManyConnections(self.maxPerUser)
+                elif not oldest.closed:
+                    self._stillWanted(connection)
                     self.drop(oldest, "did not answer a ping, and was replaced", "stale")
             else:
                 await self._tellReplaced(oldest, peer)
-                self.drop(oldest, "was replaced by a newer login", "replaced")
+                # Told it is replaced, it goes even if the new login has gone
+                # meanwhile: its client stops logging in on that notice.
+                if self.closing:
+                    raise ShuttingDown()
+                if not oldest.closed:
+                    self.drop(
+                        oldest,
+                        "was replaced by a newer login",
+                        "replaced",
+                        keepConnection=oldest.connection is connection,
+                    )
+
+    def _stillWanted(self, connection: Connection | None) -> None:
+        """
+        @raise ShuttingDown: if the server is shutting down.
+        @raise ConnectionGone: if the login's connection has closed.
+        """
+        if self.closing:
+            raise ShuttingDown()
+        if connection is not None and not connection.connected:
+            raise ConnectionGone()
 
     def _answers(self, session: Session) -> defer.Deferred[bool]:
         if session.connection is None:
@@ -291,13 +330,17 @@ class SessionRegistry:
         told.addCallback(self.metrics.pushed)
         return told.addTimeout(self.pingTimeout, self.clock).addErrback(lambda _: None)
 
-    def drop(self, session: Session, reason: str, why: str) -> None:
+    def drop(self, session: Session, reason: str, why: str, keepConnection: bool = False) -> None:
         """
-        End C{session} (its logout runs now) and close its connection.
+        End C{session} (its logout runs now) and close its connection, unless
+        C{keepConnection}: the new login that replaces it came on it.
+
+        @param reason: completes "USER ... from PEER" in the log line.
+        @param why: the C{why} label of C{pbrealms_sessions_dropped_total}.
         """
         session.close(reason)
         self.metrics.dropped.labels(why).inc()
-        if session.connection is not None:
+        if session.connection is not None and not keepConnection:
             session.connection.drop()
 
     def _full(self, user: str) -> bool:
@@ -319,6 +362,13 @@ class SessionRegistry:
         )
         for observer in self._observers:
             self._tell(observer.sessionOpened, session)
+        self._settled(session)
+
+    def _settled(self, session: Session) -> None:
+        # The next login of a replacing user may go now.
+        release = self._settling.pop(session.id, None)
+        if release is not None:
+            release()
 
     def _closed(self, session: Session, reason: str) -> None:
         sessions = self._byUser[session.user]
@@ -420,8 +470,9 @@ class Keepalive(service.Service):
         for session in self.registry:
             if session.active and session.connection is not None:
                 byConnection.setdefault(session.connection, []).append(session)
-        # A connection whose sessions all ended is no longer watched.
-        self._unanswered &= byConnection.keys()
+        # A connection stays in _unanswered until its ping is answered or
+        # it closes, even while it has no session: cycling sessions between
+        # sweeps must not hide that it never answers.
         for connection, sessions in byConnection.items():
             if connection in self._unanswered:
                 self._unanswered.discard(connection)

@@ -38,6 +38,7 @@ DEFAULT_PORT = "tcp:8787:interface=127.0.0.1"
 DEFAULT_PERIOD = 1.0
 DEFAULT_GRACE = 5.0
 DEFAULT_KEEPALIVE = 60.0
+MIN_KEEPALIVE = 1.0
 DEFAULT_PING_TIMEOUT = 10.0
 #: The realms that limit sessions per user, with --max.
 LIMITING_REALMS = ("limited", "sessions")
@@ -370,9 +371,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             seconds = float(value)
         except ValueError:
             seconds = math.nan
-        if not 0 <= seconds < 2**31:
+        # Under a second, pings would be most of the traffic.
+        if not (seconds == 0 or MIN_KEEPALIVE <= seconds < 2**31):
             raise usage.UsageError(
-                f"--keepalive must be a number of seconds, or 0 for none, not {value!r}"
+                f"--keepalive must be {MIN_KEEPALIVE:g} or more seconds, or 0 for none, "
+                f"not {value!r}"
             )
         return seconds
 

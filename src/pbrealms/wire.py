@@ -11,6 +11,7 @@ any bad input by aborting the connection with one log line.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 
 from twisted.internet import defer
@@ -79,10 +80,12 @@ class LimitedBroker(pb.Broker):
         self._pending = bytearray()
         self._messageBytes = 0
         # So that the kernel notices a peer that vanished (a dead NAT) even
-        # when the server has nothing to send; UNIX sockets have no such option.
+        # when the server has nothing to send.  Not every transport or
+        # socket family has the option, and none needs it to work.
         setTcpKeepAlive = getattr(self.transport, "setTcpKeepAlive", None)
         if setTcpKeepAlive is not None:
-            setTcpKeepAlive(True)
+            with contextlib.suppress(OSError):
+                setTcpKeepAlive(True)
         super().connectionMade()
 
     def dataReceived(self, chunk: bytes) -> None:
