@@ -9,27 +9,53 @@ from twisted.internet import defer, task
 from twisted.spread import pb
 
 from pbrealms.errors import InvalidPeriod, MindRequired
-from pbrealms.push import MAX_PERIOD, MIN_PERIOD, PeriodicPush, push, validatePeriod
+from pbrealms.push import (
+    MAX_PERIOD,
+    MIN_PERIOD,
+    PeriodicPush,
+    PushScheduler,
+    push,
+    validatePeriod,
+)
 from pbrealms.realms import ClockRealm
 from pbrealms.sessions import SessionRegistry
 
 
+class FakeBroker:
+    """
+    The connection of a L{FakeMind}: its write buffer may be full.
+    """
+
+    disconnected = False
+    writeBlocked = False
+
+
 class FakeMind:
     """
-    A client object that records pushes; each answer waits for the test
-    unless C{answerAtOnce}.
+    A client object that records pushes; each answer (to a push that asks
+    for one) waits for the test unless C{answerAtOnce}.
     """
 
     def __init__(self, answerAtOnce: bool = True) -> None:
         self.answerAtOnce = answerAtOnce
+        self.broker = FakeBroker()
         self.pushes: list[tuple[str, tuple]] = []
         self.unanswered: list[defer.Deferred] = []
-        self.gone = False
 
-    def callRemote(self, method, *args):
+    @property
+    def gone(self) -> bool:
+        return self.broker.disconnected
+
+    @gone.setter
+    def gone(self, value: bool) -> None:
+        self.broker.disconnected = value
+
+    def callRemote(self, method, *args, pbanswer=1):
         if self.gone:
             raise pb.DeadReferenceError("Calling Stale Broker")
         self.pushes.append((method, args))
+        if not pbanswer:
+            return None
         if self.answerAtOnce:
             return defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
@@ -140,17 +166,48 @@ def test_no_push_when_the_session_ends_before_the_first(clock):
     assert clock.getDelayedCalls() == []
 
 
-def test_a_slow_client_gets_no_second_push_until_it_answers(clock):
+def test_pushes_ask_for_no_answer(clock):
     mind = FakeMind(answerAtOnce=False)
-    session, avatar = login(clock, mind)
+    session, _avatar = login(clock, mind)
     clock.advance(0)
     clock.pump([1.0] * 5)
-    assert len(mind.pushes) == 1  # the rest were skipped, not queued
+    assert len(mind.times()) == 6
+    assert mind.unanswered == []
+    session.close()
+
+
+def test_a_client_that_stops_reading_is_skipped_until_its_buffer_drains(clock):
+    mind = FakeMind()
+    session, avatar = login(clock, mind)
+    clock.advance(0)
+    mind.broker.writeBlocked = True  # what the transport says when its buffer is full
+    clock.pump([1.0] * 5)
+    assert len(mind.pushes) == 1  # the rest were skipped, not buffered
     assert avatar.ticker.skipped == 5
-    mind.unanswered.pop().callback(None)
+    mind.broker.writeBlocked = False
     clock.advance(1.0)
     assert len(mind.pushes) == 2
     session.close()
+
+
+def test_one_timer_serves_every_session_due_in_a_slot(clock):
+    minds = [FakeMind() for _ in range(50)]
+    sessions = []
+    registry = SessionRegistry(clock, realm="clock")
+    realm = ClockRealm(registry, clock, 1.0)
+    for mind in minds:
+        session = registry.open("alice", "test", mind)
+        _, _avatar, logout = realm.requestAvatar("alice", mind, pb.IPerspective)
+        session.onClose(logout)
+        sessions.append(session)
+        clock.advance(0.001)  # 50 logins within 50 ms: five 10 ms slots
+    assert len(clock.getDelayedCalls()) <= 6
+    clock.pump([0.01] * 145)  # until 1.5 s: each pushed at login and once more
+    assert all(len(mind.times()) == 2 for mind in minds)
+    assert len(clock.getDelayedCalls()) <= 6
+    for session in sessions:
+        session.close()
+    assert clock.getDelayedCalls() == []
 
 
 def test_a_vanished_client_raises_nothing_and_logs_nothing(clock, log):
@@ -184,7 +241,7 @@ def test_a_login_without_mind_is_refused():
 
 
 def test_periodic_push_stop_is_idempotent(clock):
-    ticker = PeriodicPush(clock, 1.0, lambda: defer.succeed(None))
+    ticker = PeriodicPush(PushScheduler(clock), 1.0, lambda: True)
     ticker.start()
     ticker.stop()
     ticker.stop()
@@ -201,13 +258,10 @@ class RefusingMind(FakeMind):
         return defer.fail(pb.Error(f"no {method} here"))
 
 
-def test_a_client_that_answers_with_errors_is_logged_once(clock, log):
+def test_a_client_that_answers_with_errors_is_logged_once(log):
     mind = RefusingMind()
-    session, _avatar = login(clock, mind, period=0.05)
-    clock.advance(0)
-    clock.pump([0.05] * 40)
-    assert len(mind.times()) == 41  # every tick still pushes
-    warnings = [m for m in log.messages() if "answered notifyTime with an error" in m]
+    results = [push(mind, "notifyGreeting", "hi") for _ in range(40)]
+    assert [r.result for r in results] == [False] * 40
+    warnings = [m for m in log.messages() if "answered notifyGreeting with an error" in m]
     assert len(warnings) == 1
-    assert "no notifyTime here" in warnings[0]
-    session.close()
+    assert "no notifyGreeting here" in warnings[0]

@@ -65,12 +65,13 @@ class ServerMetrics:
         self.pushes = Counter(
             "pbrealms_pushes", "Pushes to clients, by result.", ["result"], registry=r
         )
-        self.pushes.labels("skipped")
         # Bound once: pushes are counted on the clock's hot path.
         self._sent, self._failed = self.pushes.labels("sent"), self.pushes.labels("failed")
+        self._skipped = self.pushes.labels("skipped")
         self.pushLateness = Histogram(
             "pbrealms_clock_push_lateness_seconds",
-            "How long after its scheduled time each clock push was sent.",
+            "How late the timers of clock pushes ran (one observation per timer, which "
+            "serves every session due in its 10 ms slot).",
             buckets=_FAST,
             registry=r,
         )
@@ -81,6 +82,13 @@ class ServerMetrics:
         """
         (self._sent if delivered else self._failed).inc()
         return delivered
+
+    def notified(self, sent: bool) -> bool:
+        """
+        Count a one-way push, sent or skipped, and pass its result on.
+        """
+        (self._sent if sent else self._skipped).inc()
+        return sent
 
     def countSessions(self, realm: str, count: Callable[[], float]) -> None:
         self.sessionsOpen.labels(realm).set_function(count)

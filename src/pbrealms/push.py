@@ -89,35 +89,101 @@ def _pushFailed(
     return False
 
 
-class PeriodicPush:
+def notify(mind: pb.RemoteReference, method: str, *args: object) -> bool:
     """
-    Call a push function once per period, starting at once.
+    Call C{method} on a client's mind without asking for an answer, unless
+    its connection cannot take more now (see L{wire.LimitedBroker}).  The
+    server never waits on a client this way, and a client that stops
+    reading costs at most its transport's buffer.
 
-    A tick that comes while the previous push is still unanswered is skipped,
-    so a client that stops reading never makes the server buffer pushes.
+    @return: whether the call was sent; nothing is raised.
+    """
+    broker = getattr(mind, "broker", None)
+    if broker is None or broker.disconnected or getattr(broker, "writeBlocked", False):
+        return False
+    try:
+        mind.callRemote(method, *args, pbanswer=0)
+    except Exception:
+        return False
+    return True
 
-    @ivar period: the current period, in seconds.
-    @ivar skipped: how many ticks were skipped.
+
+class PushScheduler:
+    """
+    Runs any number of L{PeriodicPush}es on one timer per slot of
+    1/C{slotsPerSecond} seconds, not one per push: with thousands of
+    sessions the reactor's timer heap stays small, and each timer serves
+    every session due in its slot.  A push is due at most one slot late.
     """
 
     def __init__(
         self,
         clock: IReactorTime,
-        period: float,
-        pushOnce: Callable[[], defer.Deferred],
         lateness: Callable[[float], object] = lambda seconds: None,
+        slotsPerSecond: int = 100,
     ) -> None:
         """
-        @param pushOnce: sends one push; its L{Deferred} fires when answered.
-        @param lateness: called with how late each tick came, in seconds.
+        @param lateness: called with how late each slot's timer ran, in
+            seconds.
         """
-        self._clock = clock
+        self.clock = clock
+        self._lateness = lateness
+        self._rate = slotsPerSecond
+        self._slots: dict[int, dict[PeriodicPush, None]] = {}
+        self._timers: dict[int, IDelayedCall] = {}
+
+    def add(self, ticker: PeriodicPush, due: float) -> int:
+        """
+        Run C{ticker} once at C{due}, seconds since the epoch.
+
+        @return: the slot, for L{remove}.
+        """
+        # A due time a rounding error past a slot's start is in that slot.
+        slot = math.ceil(due * self._rate - 1e-6)
+        tickers = self._slots.get(slot)
+        if tickers is None:
+            tickers = self._slots[slot] = {}
+            delay = max(0.0, slot / self._rate - self.clock.seconds())
+            self._timers[slot] = self.clock.callLater(delay, self._run, slot)
+        tickers[ticker] = None
+        return slot
+
+    def remove(self, ticker: PeriodicPush, slot: int) -> None:
+        tickers = self._slots.get(slot)
+        if tickers is None or tickers.pop(ticker, False) is False:
+            return
+        if not tickers:
+            del self._slots[slot]
+            self._timers.pop(slot).cancel()
+
+    def _run(self, slot: int) -> None:
+        del self._timers[slot]
+        tickers = self._slots.pop(slot)
+        self._lateness(self.clock.seconds() - slot / self._rate)
+        for ticker in tickers:
+            ticker._tick()
+
+
+class PeriodicPush:
+    """
+    Call a push function once per period, starting at once, on a
+    L{PushScheduler}.
+
+    @ivar period: the current period, in seconds.
+    @ivar skipped: how many ticks the push function did not send.
+    """
+
+    def __init__(
+        self, scheduler: PushScheduler, period: float, pushOnce: Callable[[], bool]
+    ) -> None:
+        """
+        @param pushOnce: sends one push, if it can; returns whether it did.
+        """
+        self._scheduler = scheduler
         self.period = period
         self._pushOnce = pushOnce
-        self._lateness = lateness
+        self._slot: int | None = None
         self._due = 0.0
-        self._next: IDelayedCall | None = None
-        self._outstanding = False
         self.skipped = 0
 
     def start(self) -> None:
@@ -130,31 +196,28 @@ class PeriodicPush:
         """
         Push no more.  Safe to call more than once.
         """
-        if self._next is not None:
-            self._next.cancel()
-            self._next = None
+        if self._slot is not None:
+            self._scheduler.remove(self, self._slot)
+            self._slot = None
 
     def setPeriod(self, period: float) -> None:
         """
         Change the period; the next push comes one new period from now.
         """
         self.period = period
-        if self._next is not None:
-            self._next.cancel()
+        if self._slot is not None:
+            self.stop()
             self._schedule(period)
 
     def _schedule(self, delay: float) -> None:
-        self._due = self._clock.seconds() + delay
-        self._next = self._clock.callLater(delay, self._tick)
+        self._due = self._scheduler.clock.seconds() + delay
+        self._slot = self._scheduler.add(self, self._due)
 
     def _tick(self) -> None:
-        self._lateness(self._clock.seconds() - self._due)
-        self._schedule(self.period)
-        if self._outstanding:
+        # Due one period after the last due time, not after now: lateness
+        # must not add up into fewer pushes.  Ticks missed are not made up.
+        now = self._scheduler.clock.seconds()
+        self._due = max(self._due + self.period, now)
+        self._slot = self._scheduler.add(self, self._due)
+        if not self._pushOnce():
             self.skipped += 1
-            return
-        self._outstanding = True
-        self._pushOnce().addBoth(self._answered)
-
-    def _answered(self, _: object) -> None:
-        self._outstanding = False

@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from pbrealms.avatars import Avatar, ClockAvatar, Greeter, SessionAvatar, SessionsAvatar
 from pbrealms.errors import MindRequired
-from pbrealms.push import MAX_UNANSWERED, PeriodicPush, push
+from pbrealms.push import MAX_UNANSWERED, PeriodicPush, PushScheduler, notify, push
 from pbrealms.sessions import Session, SessionRegistry
 
 
@@ -119,6 +119,9 @@ class ClockRealm(Realm):
     """
     A new avatar per session that pushes the time to the client's mind.
 
+    Pushes ask for no answer, and one whose connection's buffer is full is
+    skipped (see L{notify}); all sessions share one L{PushScheduler}.
+
     @ivar period: the push period a session starts with.
     """
 
@@ -127,20 +130,18 @@ class ClockRealm(Realm):
     def __init__(self, registry: SessionRegistry, clock: IReactorTime, period: float) -> None:
         super().__init__(registry, clock)
         self.period = period
+        self.scheduler = PushScheduler(clock, registry.metrics.pushLateness.observe)
 
     def avatarFor(self, user: str, mind: object) -> Avatar:
         if mind is None:
             raise MindRequired(self.name)
-        metrics = self.registry.metrics
-        ticker = PeriodicPush(
-            self.clock,
-            self.period,
-            lambda: push(mind, "notifyTime", self.clock.seconds()).addCallback(metrics.pushed),
-            metrics.pushLateness.observe,
-        )
+        ticker = PeriodicPush(self.scheduler, self.period, partial(self._pushTime, mind))
         avatar = ClockAvatar(self, self.greeter(user), ticker)
         ticker.start()
         return avatar
+
+    def _pushTime(self, mind: pb.RemoteReference) -> bool:
+        return self.registry.metrics.notified(notify(mind, "notifyTime", self.clock.seconds()))
 
 
 class SessionsRealm(LimitedRealm):
@@ -183,7 +184,7 @@ class SessionsRealm(LimitedRealm):
             if other is session or not other.active or other.mind is None:
                 continue
             if other.unanswered >= MAX_UNANSWERED:
-                metrics.pushes.labels("skipped").inc()
+                metrics.notified(False)
                 continue
             other.unanswered += 1
             # Gone means disconnected: end the session now, not only once

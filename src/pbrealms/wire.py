@@ -75,6 +75,8 @@ class LimitedBroker(pb.Broker):
     _refused = False
     _paused = False
     _next: IDelayedCall | None = None
+    #: Whether the transport's write buffer is full: one-way pushes skip.
+    writeBlocked = False
 
     def connectionMade(self) -> None:
         self._pending = bytearray()
@@ -86,7 +88,23 @@ class LimitedBroker(pb.Broker):
         if setTcpKeepAlive is not None:
             with contextlib.suppress(OSError):
                 setTcpKeepAlive(True)
+        # The transport tells its producer when its write buffer is full, and
+        # when it has drained: pushes that need no answer use that to skip.
+        self.transport.registerProducer(self, True)
         super().connectionMade()
+
+    def pauseProducing(self) -> None:
+        self.writeBlocked = True
+
+    def resumeProducing(self) -> None:
+        self.writeBlocked = False
+
+    def stopProducing(self) -> None:
+        self.writeBlocked = True
+
+    def registerPageProducer(self, pager) -> None:
+        # PB's pages would take the transport's producer slot, which is ours.
+        raise NotImplementedError("pbrealms serves no pages")
 
     def dataReceived(self, chunk: bytes) -> None:
         if self._refused:
