@@ -128,7 +128,8 @@ def test_image_settings():
     assert only(final, "STOPSIGNAL") == "SIGTERM"
     assert set(only(final, "EXPOSE").split()) == {"8787", "9108"}
     assert entrypoint() == [
-        "/usr/bin/tini", "--", f"{IMAGE_VENV}/bin/twistd", "--nodaemon", "--pidfile=", "pbrealms",
+        "/usr/bin/tini", "--", f"{IMAGE_VENV}/bin/twistd", "--nodaemon", "--pidfile=",
+        "--logger=pbrealms.logs.textLogger", "pbrealms",
     ]  # fmt: skip
 
 

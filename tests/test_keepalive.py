@@ -162,9 +162,11 @@ async def test_keepalive_drops_a_client_that_stops_answering(harness, reactor, l
 
 
 @pytest_twisted.ensureDeferred
-async def test_every_accepted_connection_has_tcp_keepalive(harness):
+async def test_every_accepted_connection_has_tcp_keepalive_and_no_delay(harness):
     served = await harness.serve("cache")
     await served.login("alice")
     (broker,) = served.factory.made
     sock = broker.transport.getHandle()
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    # And no Nagle delay, which would hold one-way pushes for a delayed ACK.
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

@@ -177,7 +177,13 @@ def test_units_agree():
     """
     service, sock = CONFIG / "pbrealms.service", CONFIG / "pbrealms.socket"
     argv = shlex.split(setting(service, "Service", "ExecStart"))
-    assert argv[:4] == [UNIT_TWISTD, "--nodaemon", "--pidfile=", "pbrealms"]
+    assert argv[:5] == [
+        UNIT_TWISTD,
+        "--nodaemon",
+        "--pidfile=",
+        "--logger=pbrealms.logs.textLogger",
+        "pbrealms",
+    ]
     name = setting(sock, "Socket", "FileDescriptorName")
     assert f"--port=systemd:domain=INET6:name={name}" in argv
     assert "--passwd=${CREDENTIALS_DIRECTORY}/users.passwd" in argv

@@ -34,6 +34,7 @@ _ITEM_COST = 16
 
 _log = Logger()
 _NOTHING = object()
+_DOUBLE = struct.Struct("!d")
 
 
 class WireError(Exception):
@@ -81,13 +82,16 @@ class LimitedBroker(pb.Broker):
     def connectionMade(self) -> None:
         self._pending = bytearray()
         self._messageBytes = 0
-        # So that the kernel notices a peer that vanished (a dead NAT) even
-        # when the server has nothing to send.  Not every transport or
-        # socket family has the option, and none needs it to work.
-        setTcpKeepAlive = getattr(self.transport, "setTcpKeepAlive", None)
-        if setTcpKeepAlive is not None:
-            with contextlib.suppress(OSError):
-                setTcpKeepAlive(True)
+        # Keepalive, so that the kernel notices a peer that vanished (a dead
+        # NAT) even when the server has nothing to send.  No delay, because
+        # pushes that ask for no answer would otherwise wait for the
+        # client's delayed ACK (up to 40 ms) behind Nagle's algorithm.  Not
+        # every transport or socket family has the options; none needs them.
+        for option in ("setTcpKeepAlive", "setTcpNoDelay"):
+            setOption = getattr(self.transport, option, None)
+            if setOption is not None:
+                with contextlib.suppress(OSError):
+                    setOption(True)
         # The transport tells its producer when its write buffer is full, and
         # when it has drained: pushes that need no answer use that to skip.
         self.transport.registerProducer(self, True)
@@ -191,77 +195,88 @@ class LimitedBroker(pb.Broker):
         Decode the whole items in C{buf}, passing each to L{gotItem}, until
         C{budget} bytes are used.
 
+        Every item counts against C{maxMessageBytes} before it is built,
+        and at least what it costs in memory once decoded, not only its few
+        bytes on the wire: an empty list is one byte there, and some sixty
+        in Python.  A string is refused as soon as its announced length is
+        too much, before it arrives.  (The loop keeps everything in local
+        names: it runs for every item a client sends.)
+
         @return: how many bytes were used.
         """
         listStack = self.listStack
-        prefixLimit = self.prefixLimit
+        gotItem = self.gotItem
+        prefixLimit, sizeLimit = self.prefixLimit, self.sizeLimit
+        maxBytes, maxDepth = self.maxMessageBytes, self.maxDepth
+        messageBytes = self._messageBytes
         end = len(buf)
         pos = 0
         while pos < end and pos < budget and not self._refused:
-            start = pos
-            scan = pos
+            start = scan = pos
             stop = min(end, pos + prefixLimit + 1)
             while scan < stop and buf[scan] < 0x80:
                 scan += 1
+            if scan == end:
+                if scan - pos > prefixLimit:
+                    raise WireError(f"a number longer than {prefixLimit} bytes")
+                break  # the type byte has not arrived yet
             if scan - pos > prefixLimit:
                 raise WireError(f"a number longer than {prefixLimit} bytes")
-            if scan == end:
-                break  # the type byte has not arrived yet
-            num = 0
-            for shift, digit in enumerate(buf[pos:scan]):
-                num |= digit << (7 * shift)
+            if scan - pos == 1:
+                num = buf[pos]
+            else:
+                num = 0
+                for shift, digit in enumerate(buf[pos:scan]):
+                    num |= digit << (7 * shift)
             kind = buf[scan]
             pos = scan + 1
-            item: object = _NOTHING
             if kind == _STRING:
-                if num > self.sizeLimit:
+                if num > sizeLimit:
                     raise WireError(f"a string of {num} bytes")
-                self._admit(pos - start + num)
+                cost = pos - start + num
+            elif kind == _LIST:
+                if num > sizeLimit:
+                    raise WireError(f"a list of {num} items")
+                if len(listStack) >= maxDepth:
+                    raise WireError(f"a message nested deeper than {maxDepth} lists")
+                cost = _LIST_COST
+            elif kind == _FLOAT:
+                cost = pos - start + 8
+            else:
+                cost = _ITEM_COST
+            if messageBytes + cost > maxBytes:
+                raise WireError(f"a message larger than {maxBytes} bytes")
+            if kind == _STRING:
                 if end - pos < num:
                     pos = start  # wait for the rest of the string
                     break
-                item = bytes(buf[pos : pos + num])
+                item: object = bytes(buf[pos : pos + num])
                 pos += num
+            elif kind == _LIST:
+                listStack.append((num, []))
+                item = _NOTHING
+            elif kind == _INT or kind == _LONGINT:
+                item = num
+            elif kind == _NEG or kind == _LONGNEG:
+                item = -num
             elif kind == _FLOAT:
-                self._admit(pos - start + 8)
                 if end - pos < 8:
                     pos = start
                     break
-                (item,) = struct.unpack("!d", buf[pos : pos + 8])
+                (item,) = _DOUBLE.unpack_from(buf, pos)
                 pos += 8
-            elif kind == _LIST:
-                if num > self.sizeLimit:
-                    raise WireError(f"a list of {num} items")
-                if len(listStack) >= self.maxDepth:
-                    raise WireError(f"a message nested deeper than {self.maxDepth} lists")
-                self._admit(_LIST_COST)
-                listStack.append((num, []))
-            elif kind in (_INT, _LONGINT, _NEG, _LONGNEG):
-                self._admit(_ITEM_COST)
-                item = -num if kind in (_NEG, _LONGNEG) else num
             elif kind == _VOCAB:
-                self._admit(_ITEM_COST)
                 if self.currentDialect != b"pb" or num not in self.incomingVocabulary:
                     raise WireError(f"unknown vocabulary word {num}")
                 item = self.incomingVocabulary[num]
             else:
                 raise WireError(f"unknown type byte {kind:#04x}")
-            self._messageBytes += self._cost
+            messageBytes += cost
             if item is not _NOTHING:
-                self.gotItem(item)
+                gotItem(item)
             while listStack and len(listStack[-1][1]) == listStack[-1][0]:
-                self.gotItem(listStack.pop()[1])
+                gotItem(listStack.pop()[1])
             if not listStack:
-                self._messageBytes = 0
+                messageBytes = 0
+        self._messageBytes = messageBytes
         return pos
-
-    def _admit(self, size: int) -> None:
-        """
-        Refuse an item of C{size} bytes if the message would grow too large,
-        even before all of the item has arrived.  An item counts at least
-        what it costs in memory once decoded, not only its few bytes on the
-        wire: an empty list is one byte there, and some sixty in Python.
-        """
-        self._cost = size
-        if self._messageBytes + size > self.maxMessageBytes:
-            raise WireError(f"a message larger than {self.maxMessageBytes} bytes")
