@@ -1,0 +1,96 @@
+"""
+The baseline: a bare Perspective Broker server as Twisted's documentation
+teaches it, to compare pbrealms with.
+
+C{python -m pbrealms.bench.baseline [--port N] [--user U] [--password P]
+[--realm cache|clock] [--period S]} serves one user on 127.0.0.1 with
+Twisted's defaults (backlog 50 included), prints exactly one line,
+C{listening on 127.0.0.1:PORT}, once listening, logs nothing else, and exits
+0 on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from twisted.cred import checkers, portal
+from twisted.internet import reactor, task
+from twisted.spread import pb
+from zope.interface import implementer
+
+
+class CachedAvatar(pb.Avatar):
+    """
+    One user's perspective, shared by all the user's sessions.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.greetings = 0
+
+    def perspective_greet(self) -> str:
+        self.greetings += 1
+        return f"<{self.greetings}>hello {self.name}"
+
+    def perspective_status(self) -> dict[str, object]:
+        return {"user": self.name, "greetings": self.greetings}
+
+
+@implementer(portal.IRealm)
+class CachingRealm:
+    """
+    The howto's realm that caches one avatar per user.
+    """
+
+    def __init__(self) -> None:
+        self.avatars: dict[bytes, CachedAvatar] = {}
+
+    def requestAvatar(self, avatarId: bytes, mind: object, *interfaces: object):
+        if avatarId not in self.avatars:
+            self.avatars[avatarId] = CachedAvatar(avatarId.decode())
+        return pb.IPerspective, self.avatars[avatarId], lambda: None
+
+
+@implementer(portal.IRealm)
+class ClockRealm:
+    """
+    A new avatar per session, pushing C{notifyTime(time.time())} to the
+    session's mind every C{period} seconds until it logs out.
+    """
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+
+    def requestAvatar(self, avatarId: bytes, mind: pb.RemoteReference, *interfaces: object):
+        def notify() -> None:
+            mind.callRemote("notifyTime", time.time()).addErrback(lambda _: None)
+
+        ticker = task.LoopingCall(notify)
+        ticker.start(self.period, now=True)
+        return pb.IPerspective, CachedAvatar(avatarId.decode()), ticker.stop
+
+
+def main() -> None:
+    """
+    Parse the command line and serve until signalled.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--user", default="bench")
+    parser.add_argument("--password", default="bench")
+    parser.add_argument("--realm", choices=["cache", "clock"], default="cache")
+    parser.add_argument("--period", type=float, default=1.0)
+    args = parser.parse_args()
+
+    checker = checkers.InMemoryUsernamePasswordDatabaseDontUse()
+    checker.addUser(args.user.encode(), args.password.encode())
+    realm = CachingRealm() if args.realm == "cache" else ClockRealm(args.period)
+    factory = pb.PBServerFactory(portal.Portal(realm, [checker]))
+    port = reactor.listenTCP(args.port, factory, interface="127.0.0.1")
+    print(f"listening on 127.0.0.1:{port.getHost().port}", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
