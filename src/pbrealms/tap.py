@@ -329,20 +329,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     @staticmethod
     def _positive(option: str, value: str, kind: type) -> float:
-        try:
-            number = kind(value)
-        except ValueError:
-            number = math.nan
+        number = _parse(value, kind)
         if not 0 < number < 2**31:
             raise usage.UsageError(f"--{option} must be a number above 0, not {value!r}")
         return number
 
     @staticmethod
     def _grace(value: str) -> float:
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = math.nan
+        seconds = _parse(value)
         if not 0 <= seconds <= MAX_GRACE:
             raise usage.UsageError(
                 f"--shutdown-grace must be from 0 to {MAX_GRACE:g} seconds, not {value!r}"
@@ -367,10 +361,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     @staticmethod
     def _keepalive(value: str) -> float:
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = math.nan
+        seconds = _parse(value)
         # Under a second, pings would be most of the traffic.
         if not (seconds == 0 or MIN_KEEPALIVE <= seconds < 2**31):
             raise usage.UsageError(
@@ -446,6 +437,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             return PasswordFile(demo, strictModes=False), True
         except PasswordFileError as e:
             raise usage.UsageError(str(e)) from None
+
+
+def _parse(value: str, kind: type = float) -> float:
+    """
+    C{value} as a number of C{kind}, or NaN, which no range check admits.
+    """
+    try:
+        return kind(value)
+    except ValueError:
+        return math.nan
 
 
 def wireSecurity() -> jelly.SecurityOptions:
