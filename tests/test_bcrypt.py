@@ -16,13 +16,14 @@ import trustme
 from conftest import eventually
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import endpoints, ssl, task
+from twisted.internet import defer, endpoints, ssl, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+from twisted.spread import pb
 
 from pbrealms.checkers import PasswordFile, isHashed
 from pbrealms.client import ClientMind, connect
-from pbrealms.errors import BadCredentials, InsecureLogin
+from pbrealms.errors import BadCredentials, InsecureLogin, localize
 from pbrealms.login import _LoginGate
 from pbrealms.tap import Options, makeService
 
@@ -272,3 +273,18 @@ def test_pbrealms_passwd_keeps_other_lines_and_the_files_mode(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert path.stat().st_uid == os.getuid()
     assert runPasswd(str(path), "#eve", stdin="x\n").returncode == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_connection_is_closed_after_its_tries(reactor, tlsServer):
+    # The broker is its transport's producer, for pushes; TLS does not shut
+    # down while a producer is registered, so the close must unregister it.
+    port, caFile = tlsServer
+    factory = pb.PBClientFactory()
+    broker = await tlsEndpoint(reactor, port, caFile).connect(factory)
+    closed: defer.Deferred = defer.Deferred()
+    broker.notifyOnDisconnect(lambda: closed.callback(None))
+    for _ in range(6):  # --max-auth-tries
+        with pytest.raises(BadCredentials):
+            await factory.login(UsernamePassword(b"carol", b"guess")).addErrback(localize)
+    await closed.addTimeout(3, reactor)

@@ -265,3 +265,94 @@ def test_a_client_that_answers_with_errors_is_logged_once(log):
     warnings = [m for m in log.messages() if "answered notifyGreeting with an error" in m]
     assert len(warnings) == 1
     assert "no notifyGreeting here" in warnings[0]
+
+
+class Recorder:
+    """
+    A push function for a L{PeriodicPush}: records when it ran, and runs
+    C{then} (once) on its first call.
+    """
+
+    def __init__(self, clock, then=None) -> None:
+        self.clock = clock
+        self.times: list[float] = []
+        self.then = then
+
+    def __call__(self) -> bool:
+        self.times.append(self.clock.seconds())
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+        return True
+
+
+def test_a_push_stopped_by_another_of_its_slot_is_not_run(clock):
+    scheduler = PushScheduler(clock)
+    second = Recorder(clock)
+    b = PeriodicPush(scheduler, 1.0, second)
+    a = PeriodicPush(scheduler, 1.0, Recorder(clock, then=b.stop))
+    a.start()
+    b.start()
+    clock.pump([0.5] * 6)
+    assert second.times == []
+    a.stop()
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_push_rescheduled_by_another_of_its_slot_runs_on_its_new_schedule(clock):
+    scheduler = PushScheduler(clock)
+    second = Recorder(clock)
+    b = PeriodicPush(scheduler, 1.0, second)
+    a = PeriodicPush(scheduler, 1.0, Recorder(clock, then=lambda: b.setPeriod(2.0)))
+    a.start()
+    b.start()
+    clock.advance(0)
+    clock.pump([0.5] * 10)
+    assert second.times == [2.0, 4.0]
+    a.stop()
+    b.stop()
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_failing_push_leaves_the_others_of_its_slot_on_schedule(clock, log):
+    log.errorsExpected = True
+    scheduler = PushScheduler(clock)
+    survivor = Recorder(clock)
+
+    def broken() -> bool:
+        raise RuntimeError("broken")
+
+    pushes = [PeriodicPush(scheduler, 1.0, broken), PeriodicPush(scheduler, 1.0, survivor)]
+    for push_ in pushes:
+        push_.start()
+    clock.advance(0)
+    clock.pump([1.0] * 3)
+    assert survivor.times == [0.0, 1.0, 2.0, 3.0]
+    assert [e["log_format"] for e in log.errors()][:1] == ["error in a periodic push"]
+    for push_ in pushes:
+        push_.stop()
+
+
+def test_after_a_stall_missed_ticks_are_not_made_up(clock):
+    recorder = Recorder(clock)
+    ticker = PeriodicPush(PushScheduler(clock), 1.0, recorder)
+    ticker.start()
+    clock.advance(0)
+    clock.advance(2.5)  # the reactor was busy for 2.5 s
+    clock.advance(0.5)
+    clock.advance(1.0)
+    assert recorder.times == [0.0, 2.5, 3.0, 4.0]
+    ticker.stop()
+
+
+def test_pushes_keep_their_period_at_epoch_times(clock):
+    # Seconds since the epoch carry rounding errors of some 1e-5 slots.
+    clock.advance(1795999999.0)
+    recorder = Recorder(clock)
+    ticker = PeriodicPush(PushScheduler(clock), 0.05, recorder)
+    ticker.start()
+    clock.advance(0)
+    for _ in range(101):
+        clock.advance(0.01)
+    assert len(recorder.times) == 21  # at once, then every 0.05 s for 1 s
+    ticker.stop()

@@ -115,3 +115,22 @@ def test_text_lines_format_the_time_once_per_second(monkeypatch):
     lines = textLines(TextLinesObserver, captured).splitlines()
     assert len(lines) == 50
     assert len(calls) == 1
+
+
+def test_text_lines_skip_what_twisted_skips_and_use_flattened_values():
+    from twisted.logger import eventAsJSON
+
+    def emit(log: Logger) -> None:
+        log.info("")
+        log.info("{nothing}", nothing="")
+
+    captured = events(emit)
+    values = [1]
+    flattened = events(lambda log: log.info("{values}", values=values))
+    eventAsJSON(flattened[0])  # flattens it, with the values of now
+    values.append(2)
+    captured += flattened
+    ours = textLines(TextLinesObserver, captured)
+    assert ours == textLines(textFileLogObserver, captured)
+    assert ours.count("\n") == 1
+    assert ours.endswith("[1]\n")

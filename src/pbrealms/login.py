@@ -237,7 +237,8 @@ class _LoginGate(_RemoteObject):
             ignoreInput = getattr(self.broker, "ignoreInput", None)
             if ignoreInput is not None:
                 ignoreInput()
-            self.root.registry.clock.callLater(0, self.broker.transport.loseConnection)
+            close = getattr(self.broker, "closeGracefully", self.broker.transport.loseConnection)
+            self.root.registry.clock.callLater(0, close)
 
     def _timedOut(self) -> None:
         self._timeout = None  # stopped on a login: this one has none

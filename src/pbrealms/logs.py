@@ -103,15 +103,17 @@ def _fastMessage(event: dict[str, Any]) -> str | None:
     The event's message, formatted by Python's C{str.format_map}, which is
     several times faster than Twisted's formatter and gives the same text
     for every format but those only Twisted's reads (C{"{f()}"}, a missing
-    field): for those, L{None}.
+    field) and flattened events: for those, and an empty message, L{None}.
     """
     form = event.get("log_format")
-    if form is None:
+    # A flattened event is formatted from the values it had then.
+    if form is None or "log_flattened" in event:
         return None
     try:
-        return form.format_map(event)
+        message = form.format_map(event)
     except Exception:
         return None
+    return message or None  # an empty one is Twisted's to skip
 
 
 def _fastText(event: dict[str, Any]) -> str | None:

@@ -102,8 +102,12 @@ def notify(mind: pb.RemoteReference, method: str, *args: object) -> bool:
     if broker is None or broker.disconnected or getattr(broker, "writeBlocked", False):
         return False
     try:
-        mind.callRemote(method, *args, pbanswer=0)
+        failed = mind.callRemote(method, *args, pbanswer=0)
     except Exception:
+        return False
+    if isinstance(failed, defer.Deferred):
+        # PB returns a failed Deferred when the arguments cannot be sent.
+        failed.addErrback(lambda _: None)
         return False
     return True
 
@@ -138,8 +142,10 @@ class PushScheduler:
 
         @return: the slot, for L{remove}.
         """
-        # A due time a rounding error past a slot's start is in that slot.
-        slot = math.ceil(due * self._rate - 1e-6)
+        # A due time a rounding error (under a thousandth of a slot) past a
+        # slot's start is in that slot; seconds since the epoch have errors
+        # of some 1e-5 slots.
+        slot = math.ceil(due * self._rate - 1e-3)
         tickers = self._slots.get(slot)
         if tickers is None:
             tickers = self._slots[slot] = {}
@@ -161,7 +167,14 @@ class PushScheduler:
         tickers = self._slots.pop(slot)
         self._lateness(self.clock.seconds() - slot / self._rate)
         for ticker in tickers:
-            ticker._tick()
+            # One stopped or rescheduled by an earlier push of this slot is
+            # no longer due here.
+            if ticker._slot != slot:
+                continue
+            try:
+                ticker._tick()
+            except Exception:
+                _log.failure("error in a periodic push")
 
 
 class PeriodicPush:
@@ -215,9 +228,13 @@ class PeriodicPush:
 
     def _tick(self) -> None:
         # Due one period after the last due time, not after now: lateness
-        # must not add up into fewer pushes.  Ticks missed are not made up.
+        # must not add up into fewer pushes.  Ticks missed are not made up:
+        # after a stall, the next is the schedule's first one after now.
         now = self._scheduler.clock.seconds()
-        self._due = max(self._due + self.period, now)
-        self._slot = self._scheduler.add(self, self._due)
+        due = self._due + self.period
+        if due <= now:
+            due += self.period * (math.floor((now - due) / self.period) + 1)
+        self._due = due
+        self._slot = self._scheduler.add(self, due)
         if not self._pushOnce():
             self.skipped += 1

@@ -106,6 +106,17 @@ class LimitedBroker(pb.Broker):
     def stopProducing(self) -> None:
         self.writeBlocked = True
 
+    def closeGracefully(self) -> None:
+        """
+        Close the connection once what is buffered has been written.  The
+        broker stops being its transport's producer first: a transport with
+        a producer waits for it (TLS never shuts down, TCP resumes the
+        producer instead of closing).
+        """
+        self.writeBlocked = True
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
     def registerPageProducer(self, pager) -> None:
         # PB's pages would take the transport's producer slot, which is ours.
         raise NotImplementedError("pbrealms serves no pages")
