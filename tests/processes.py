@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +49,24 @@ def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
     process.wait()
+
+
+def killAndReap(process: subprocess.Popen, pids, timeout: float = 10.0) -> None:
+    """
+    Kill C{pids} (a wrapper's children, which may outlive it), give
+    C{process} C{timeout} seconds to reap them and exit, then L{stop} it.
+    """
+    for pid in pids:
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    stop(process)
 
 
 def tool(name: str) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import childrenOf, environment, stop, tool, waitFor
+from processes import childrenOf, environment, killAndReap, stop, tool, waitFor
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTAINERFILE = ROOT / "config" / "Containerfile"
@@ -265,17 +265,7 @@ def test_entrypoint_as_pid1(tini, unshare, tmp_path, pwfile, alicePassword):
             assert not Path(f"/proc/{pid}").exists()
     finally:
         # Killing PID 1 kills its namespace; unshare then reaps it and exits.
-        for pid in (twistd, pid1):
-            if pid is not None:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass
-        stop(process)
+        killAndReap(process, (twistd, pid1), STOP_TIMEOUT)
 
 
 def test_healthcheck_fails_without_a_server():

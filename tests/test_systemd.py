@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import childrenOf, environment, stop, tool, waitFor
+from processes import childrenOf, environment, killAndReap, stop, tool, waitFor
 
 from pbrealms.tap import DEFAULT_GRACE
 
@@ -62,6 +62,21 @@ def parseUnit(path: Path) -> dict[str, list[tuple[str, str]]]:
         assert sep, f"{path}: not a setting: {line!r}"
         current.append((key.strip(), value.strip()))
     return sections
+
+
+#: The client command for two clock pushes, a tenth of a second apart.
+TWO_TICKS = ("clock", "--period", "0.1", "--ticks", "2")
+
+
+def asAlice(connect: str, passwordFile, *command: str) -> subprocess.CompletedProcess[str]:
+    """
+    Run pbrealms-client as alice against C{connect}.
+    """
+    return subprocess.run(
+        [CLIENT, "--connect", connect, "--user", "alice", "--password-file", str(passwordFile),
+         *command],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, env=environment(),
+    )  # fmt: skip
 
 
 def settings(path: Path, section: str, key: str) -> list[str]:
@@ -279,12 +294,7 @@ def test_socket_activation(family, socketActivate, tmp_path, pwfile, alicePasswo
 
         waitFor(bound, START_TIMEOUT, "systemd-socket-activate listening")
         assert LISTENING.search(output.read_text()) is None
-        result = subprocess.run(
-            [CLIENT, "--connect", connect.format(port), "--user", "alice",
-             "--password-file", str(alicePassword), "greet"],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
-            env=environment(),
-        )  # fmt: skip
+        result = asAlice(connect.format(port), alicePassword, "greet")
         assert result.returncode == 0, result.stderr + output.read_text()
         assert result.stdout.splitlines() == ["<1>hello alice"]
         log = output.read_text()
@@ -435,12 +445,7 @@ def test_runs_under_memory_deny_write_execute(mdwe, tmp_path, pwfile, alicePassw
         text = output.read_text()
         port = LISTENING.search(text).group(2)
         metrics = metricsListening.search(text).group(1)
-        result = subprocess.run(
-            [CLIENT, "--connect", f"tcp:127.0.0.1:{port}", "--user", "alice",
-             "--password-file", str(alicePassword), "clock", "--period", "0.1", "--ticks", "2"],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
-            env=environment(),
-        )  # fmt: skip
+        result = asAlice(f"tcp:127.0.0.1:{port}", alicePassword, *TWO_TICKS)
         assert result.returncode == 0, result.stderr
         assert len(result.stdout.splitlines()) == 2
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as response:
@@ -520,12 +525,7 @@ def test_system_calls_within_the_service_filter(
         )  # fmt: skip
     try:
         waitFor(lambda: "Listening on" in output.read_text(), START_TIMEOUT, "socket bound")
-        result = subprocess.run(
-            [CLIENT, "--connect", f"tcp:127.0.0.1:{port}", "--user", "alice",
-             "--password-file", str(alicePassword), "clock", "--period", "0.1", "--ticks", "2"],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
-            env=environment(),
-        )  # fmt: skip
+        result = asAlice(f"tcp:127.0.0.1:{port}", alicePassword, *TWO_TICKS)
         assert result.returncode == 0, result.stderr + output.read_text()
         assert receive(sock, process, output, START_TIMEOUT) == "READY=1"
         metrics = re.search(r"metrics listening on 127\.0\.0\.1:(\d+)", output.read_text())
@@ -543,16 +543,7 @@ def test_system_calls_within_the_service_filter(
         process.wait(STOP_TIMEOUT)
     finally:
         # A tracee outlives a killed strace: kill it, and let strace reap it.
-        for pid in childrenOf(process.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            pass
-        stop(process)
+        killAndReap(process, childrenOf(process.pid), STOP_TIMEOUT)
         sock.close()
     text = output.read_text()
     assert "Main loop terminated" in text, text

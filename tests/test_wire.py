@@ -461,3 +461,44 @@ def test_small_items_count_what_they_cost_in_memory():
             break
     assert transport.disconnected
     assert len(broker.listStack) <= 1 and len(broker.listStack[0][1]) < MAX_MESSAGE_BYTES // 60
+
+
+class TimeMind(pb.Referenceable):
+    """
+    A clock client that counts the times pushed to it.
+    """
+
+    def __init__(self) -> None:
+        self.times = 0
+
+    def remote_notifyTime(self, seconds: float) -> None:
+        self.times += 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_way_pushes_stop_at_a_full_write_buffer_and_resume(harness, reactor):
+    from pbrealms.push import notify
+
+    served = await harness.serve("clock", period=3600)
+    mind = TimeMind()
+    conn = await served.login("alice", mind=mind)
+    (session,) = served.registry
+    (broker,) = served.factory.made
+    # Small kernel buffers, so that Twisted's own buffer is what fills.
+    broker.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client = conn.perspective.broker.transport
+    client.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await eventually(reactor, lambda: mind.times == 1)  # the push at login
+    client.pauseProducing()  # the client stops reading
+    sent = 0
+    while notify(session.mind, "notifyTime", 1.0):
+        sent += 1
+        assert sent < 50_000, "the transport never said its buffer was full"
+    assert broker.writeBlocked
+    # What the server holds for the client is bounded by the transport's buffer.
+    buffered = len(broker.transport.dataBuffer) + broker.transport._tempDataLen
+    assert buffered < 2 * broker.transport.bufferSize
+    client.resumeProducing()
+    await eventually(reactor, lambda: mind.times == 1 + sent)
+    assert not broker.writeBlocked
+    assert notify(session.mind, "notifyTime", 1.0)

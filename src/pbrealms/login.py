@@ -457,14 +457,14 @@ class _SessionReference(pb.Referenceable):
         self.avatar = avatar
         self.session = session
         self.clock = clock
+        # Avatars shared by sessions may want to know which one calls; looked
+        # up once here, not on every call.
+        receive = getattr(avatar, "sessionMessageReceived", None)
+        self._receive = receive or (lambda session, *call: avatar.perspectiveMessageReceived(*call))
 
     def remoteMessageReceived(self, broker, message, args, kw):
         session = self.session
         if session.closed:
             raise SessionEnded()
         session.lastCall = self.clock.seconds()
-        # Avatars shared by sessions may want to know which one calls.
-        receive = getattr(self.avatar, "sessionMessageReceived", None)
-        if receive is not None:
-            return receive(session, broker, message, args, kw)
-        return self.avatar.perspectiveMessageReceived(broker, message, args, kw)
+        return self._receive(session, broker, message, args, kw)
