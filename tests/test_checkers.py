@@ -65,7 +65,7 @@ class InlineHasher:
     synchronous (the thread pool is tested in test_bcrypt.py).
     """
 
-    def check(self, password: bytes, hashed: bytes):
+    def check(self, password: bytes, hashed: bytes, source: str | None = None):
         import bcrypt
         from twisted.internet import defer
 

@@ -297,9 +297,10 @@ async def test_pipelined_guesses_cannot_outrun_the_tries(guarded, reactor):
     served = await serve(maxAuthTries=3)
     factory = connectFrom(reactor, served, "127.0.0.13")
     root = await factory.getRootObject()
-    challenges = [await root.callRemote("login", b"alice") for _ in range(10)]
-    guesses = [b"guess"] * 10
-    guesses[5] = b"wonderland"  # the right one, after the limit
+    # As many challenges as a connection may hold (MAX_CHALLENGES).
+    challenges = [await root.callRemote("login", b"alice") for _ in range(4)]
+    guesses = [b"guess"] * 4
+    guesses[3] = b"wonderland"  # the right one, after the limit
     answers = [
         challenger.callRemote("respond", pb.respond(challenge, guess), None)
         for (challenge, challenger), guess in zip(challenges, guesses, strict=True)

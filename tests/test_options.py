@@ -453,6 +453,7 @@ def test_makeService_with_passwd(capsys, tmp_path):
     assert server.name == "pbrealms"
     assert not server.running
     assert [child.name for child in server] == [
+        "password-hasher",
         "password-file-watcher",
         "keepalive",
         "graceful-shutdown",
@@ -474,7 +475,12 @@ def test_makeService_with_passwd(capsys, tmp_path):
 def test_makeService_with_demo_users(capsys, log):
     server = makeService(parse(capsys, "--port", LOOPBACK))
     assert server.name == "pbrealms"
-    assert [child.name for child in server] == ["keepalive", "graceful-shutdown", "pb-listener"]
+    assert [child.name for child in server] == [
+        "password-hasher",
+        "keepalive",
+        "graceful-shutdown",
+        "pb-listener",
+    ]
     assert any("demo users" in m for m in log.messages()), log.messages()
 
 

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 
 from pbrealms.addresses import isLocal
-from pbrealms.errors import LoginFailed, ShuttingDown, TooManyConnections, localize
+from pbrealms.errors import LoginFailed, ServerBusy, ShuttingDown, TooManyConnections, localize
 
 DEFAULT_CONNECT = "tcp:127.0.0.1:8787"
 DEFAULT_TIMEOUT = 10.0
@@ -285,11 +285,12 @@ def retryable(reason: Failure) -> bool:
     Whether a failure to connect or log in may pass by itself, so that trying
     again later makes sense: the server could not be reached, timed out or
     closed the connection, already has as many sessions of the user as it
-    allows, is shutting down (and will come back), or failed on its side.
+    allows, is too busy to check the password now, is shutting down (and will
+    come back), or failed on its side.
     A refused login (a wrong password, a client the realm cannot serve) would
     be refused again, and nothing else is known to pass.
     """
-    if reason.check(TooManyConnections, ShuttingDown, LoginFailed):
+    if reason.check(TooManyConnections, ServerBusy, ShuttingDown, LoginFailed):
         return True
     if reason.check(UnauthorizedLogin):
         return False
@@ -315,8 +316,8 @@ class ReconnectingSession:
 
     It stops for good when told to (L{stop}), when the login is refused for
     good (L{pbrealms.errors.BadCredentials} and the other refusals but
-    L{TooManyConnections} and L{ShuttingDown}), and when the server kicks
-    the session because a newer login of the same user replaced it
+    L{TooManyConnections}, L{ServerBusy} and L{ShuttingDown}), and when the
+    server kicks the session because a newer login of the same user replaced it
     (L{Kicked}): logging in again would kick the newer one in turn.
 
     @ivar connection: the current L{Connection}, or L{None} while it is not
@@ -534,6 +535,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_TOO_MANY, EXIT_UNREACHABLE, 
     6,
 )
 EXIT_KICKED = 7
+EXIT_BUSY = 8
 
 
 class GreetOptions(usage.Options):
@@ -597,7 +599,8 @@ class ClientOptions(usage.Options):
         "--password-file or from the PBREALMS_PASSWORD environment variable, "
         "never from the command line. Exit status: 0 success, 1 error, 2 bad "
         "usage, 3 login refused, 4 too many connections, 5 cannot connect, "
-        "6 timed out, 7 kicked (a newer login of the user replaced this one)."
+        "6 timed out, 7 kicked (a newer login of the user replaced this one), "
+        "8 server busy (the password was not checked: try again in a moment)."
     )
     optParameters = [
         ["connect", "c", DEFAULT_CONNECT, "The server, as a Twisted client endpoint description."],
@@ -705,6 +708,8 @@ def explain(reason: Failure, where: str, timeout: float) -> CommandFailed:
     """
     if reason.check(TooManyConnections):
         return CommandFailed(f"login refused: {reason.getErrorMessage()}", EXIT_TOO_MANY)
+    if reason.check(ServerBusy):
+        return CommandFailed(f"server busy: {reason.getErrorMessage()}", EXIT_BUSY)
     if reason.check(UnauthorizedLogin):
         return CommandFailed(f"login refused: {reason.getErrorMessage()}", EXIT_REFUSED)
     if reason.check(defer.TimeoutError, defer.CancelledError):

@@ -12,6 +12,38 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.python.failure import Failure
 from twisted.spread import jelly, pb
 
+#: The most characters of what a client sent that one error message or log
+#: line quotes: a client must not make the server's answers or log lines
+#: as large as its own messages.
+QUOTE_LIMIT = 200
+
+
+def printable(data: object, limit: int = QUOTE_LIMIT) -> str:
+    """
+    What a client sent, made safe to quote in one error message or log line.
+
+    @return: text (bytes decoded as UTF-8) cut to C{limit} characters, with
+        C{...} where it was cut and control characters escaped; an integer's
+        digits unless it has more than about C{limit} of them (it is then
+        described, as Python refuses to print integers of over 4,300
+        digits); a float, a bool or L{None} as Python prints it; anything
+        else by its type.
+    """
+    if isinstance(data, bytes):
+        # Decode no more than can be shown: a client's strings can be large.
+        data = data[: limit * 4 + 4].decode("utf-8", "replace")
+    if isinstance(data, str):
+        cut = "..." if len(data) > limit else ""
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in data[:limit]) + cut
+    if isinstance(data, int) and not isinstance(data, bool):
+        bits = data.bit_length()
+        # A decimal digit holds over 3 bits: under C{limit} digits, far
+        # below Python's own limit.
+        return str(data) if bits <= 3 * limit else f"<an integer of {bits} bits>"
+    if data is None or isinstance(data, (bool, float)):
+        return repr(data)
+    return f"<{type(data).__name__}>"
+
 
 class LoginRefused(pb.Error, UnauthorizedLogin):
     """
@@ -70,6 +102,17 @@ class ShuttingDown(LoginRefused):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down")
+
+
+class ServerBusy(LoginRefused):
+    """
+    The server has as many password checks waiting as it allows (or this
+    source already held its share of them); the password was not checked.
+    Retrying a little later makes sense.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("the server is busy checking passwords; retry in a moment")
 
 
 class LoginFailed(pb.Error):
@@ -134,7 +177,7 @@ def dispatch(
         message = message.decode("utf-8", "replace")
     method = getattr(target, prefix + message, None)
     if method is None:
-        raise UnknownMethod(f"no such method: {message[:64]!r}")
+        raise UnknownMethod(f"no such method: {printable(message)!r}")
     try:
         args = broker.unserialize(args, perspective)
         kw = broker.unserialize(kw, perspective)
@@ -150,8 +193,9 @@ def dispatch(
         # Raised by the call itself (not from inside the method): the
         # arguments do not fit the signature.
         if e.__traceback__ is not None and e.__traceback__.tb_next is None:
+            # The text names the client's keywords, which may be huge.
             detail = str(e).partition("() ")[2] or str(e)
-            raise BadArguments(f"{message}: {detail}") from None
+            raise BadArguments(f"{message}: {printable(detail)}") from None
         raise
     return broker.serialize(result, perspective)
 
@@ -163,6 +207,7 @@ _WIRE_ERRORS: tuple[type[pb.Error], ...] = (
     MindRequired,
     InsecureLogin,
     ShuttingDown,
+    ServerBusy,
     LoginRefused,
     LoginFailed,
     InvalidPeriod,

@@ -16,7 +16,7 @@ import hmac
 import secrets
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
+from twisted.cred.credentials import IUsernameHashedPassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
@@ -27,14 +27,18 @@ from twisted.spread import pb
 from zope.interface import implementer
 
 from pbrealms.addresses import describeAddress, isLocal, sourceOf
+from pbrealms.checkers import UsernamePasswordFrom
+from pbrealms.descriptors import WaitingRoom
 from pbrealms.errors import (
     BadCredentials,
     InsecureLogin,
     LoginFailed,
     LoginRefused,
+    ServerBusy,
     SessionEnded,
     TooManyConnections,
     dispatch,
+    printable,
 )
 from pbrealms.guard import SourcePenalties
 from pbrealms.sessions import ConnectionGone, Session, SessionRegistry
@@ -45,6 +49,14 @@ _log = Logger()
 # every PB client answers at once with a "no such object" error, and logs
 # nothing: PB has no ping of its own, and this needs no client object.
 _PING = b"pbrealms.ping"
+
+#: How many login challenges one connection may hold at once.  Each stays in
+#: the broker's tables until the client drops its reference to it, which a
+#: hostile client never does; a client logging in holds one.
+MAX_CHALLENGES = 4
+
+#: The longest user name a challenge is handed out for: each holds its name.
+MAX_NAME_BYTES = 256
 
 
 def _isPrivate(transport) -> bool:
@@ -60,11 +72,7 @@ def _printable(name: object) -> str:
     A user name sent by a client, made safe for one log line: at most 64
     characters, control characters escaped.
     """
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "replace")
-    if not isinstance(name, str):
-        return f"<{type(name).__name__}>"
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name[:64])
+    return printable(name, 64)
 
 
 class _RemoteObject(pb.Referenceable):
@@ -112,6 +120,8 @@ class LoginRoot:
         self.penalties = penalties
         self.maxUnauthenticated = maxUnauthenticated
         self.unauthenticated: dict[str, int] = {}
+        #: The same connections, to make room among at the connection cap.
+        self.waiting = WaitingRoom()
 
     def admits(self, host: str) -> bool:
         """
@@ -142,6 +152,9 @@ class _LoginGate(_RemoteObject):
         self.failures = 0
         self.checking = False
         self.dropped = False
+        # Challenges handed out that the client still holds (MAX_CHALLENGES).
+        self.challenges = 0
+        self._challengesRefused = False
         self._host: str | None = None
         self._timeout = None
         if root.loginTimeout is not None:
@@ -153,10 +166,12 @@ class _LoginGate(_RemoteObject):
         """
         self._host = host
         self.root.unauthenticated[host] = self.root.unauthenticated.get(host, 0) + 1
+        self.root.waiting.add(host, self)
 
     def _authenticated(self) -> None:
         host, self._host = self._host, None
         if host is not None:
+            self.root.waiting.remove(host, self)
             count = self.root.unauthenticated[host] - 1
             if count:
                 self.root.unauthenticated[host] = count
@@ -256,12 +271,37 @@ class _LoginGate(_RemoteObject):
         self._timeout = None
 
     def remote_login(self, username: bytes) -> tuple[bytes, _Challenger]:
+        """
+        Hand out a challenge for C{username}, and the object to respond to.
+
+        @raise LoginRefused: if the connection holds L{MAX_CHALLENGES}
+            challenges, or the name is longer than L{MAX_NAME_BYTES}.  Neither
+            counts as a failed login: no password was tried.
+        """
         if isinstance(username, str):
             username = username.encode("utf-8")
         if not isinstance(username, bytes):
             raise BadCredentials()
+        if len(username) > MAX_NAME_BYTES:
+            raise LoginRefused(f"user names are at most {MAX_NAME_BYTES} bytes")
+        if self.challenges >= MAX_CHALLENGES:
+            # PB has no way to take back a reference it handed out, so a
+            # further challenge is refused rather than replacing the oldest.
+            # Logged once per connection: a client asking on is flooding.
+            if not self._challengesRefused:
+                self._challengesRefused = True
+                _log.info(
+                    "refusing login challenges to {peer}: it holds {count} already",
+                    peer=self.peer,
+                    count=self.challenges,
+                )
+            raise LoginRefused(f"at most {MAX_CHALLENGES} login challenges at once on a connection")
         challenge = secrets.token_hex(16).encode("ascii")
-        return challenge, _Challenger(self, username, challenge)
+        challenger = _Challenger(self, username, challenge)
+        self.challenges += 1
+        # PB calls this once the client has dropped its reference to it.
+        self.broker._localCleanup[challenger.processUniqueID()] = challenger.released
+        return challenge, challenger
 
     def remote_loginPassword(
         self, username: bytes, password: bytes, mind: object
@@ -280,7 +320,10 @@ class _LoginGate(_RemoteObject):
             raise BadCredentials()
         if not isinstance(mind, pb.RemoteReference):
             mind = None
-        return _Login(self, username).run(UsernamePassword(username, password), mind)
+        # The source lets the checker share its bcrypt queue fairly.
+        source = sourceOf(self.broker.transport.getPeer())
+        credentials = UsernamePasswordFrom(username, password, source)
+        return _Login(self, username).run(credentials, mind)
 
 
 @implementer(IUsernameHashedPassword)
@@ -296,6 +339,12 @@ class _Challenger(_RemoteObject):
         self.challenge = challenge
         self.response = b""
         self.used = False
+
+    def released(self) -> None:
+        """
+        The client dropped its reference: the broker has forgotten this.
+        """
+        self.gate.challenges -= 1
 
     def checkPassword(self, password: bytes) -> bool:
         return hmac.compare_digest(pb.respond(self.challenge, password), self.response)
@@ -412,6 +461,10 @@ class _Login:
                 error=reason.getErrorMessage(),
             )
             return None
+        if reason.check(ServerBusy):
+            # Free to ask for again and again, as it counts as no failed
+            # login: the hasher logs a count now and then instead.
+            return reason
         if reason.check(LoginRefused, UnauthorizedLogin):
             if not reason.check(LoginRefused):
                 reason = Failure(BadCredentials())
@@ -437,6 +490,9 @@ def _outcome(reason: Failure, broker: pb.Broker) -> str:
         return "abandoned"
     if reason.check(TooManyConnections):
         return "too_many"
+    if reason.check(ServerBusy):
+        # The password was not checked: no failed try, no penalty.
+        return "busy"
     if reason.check(BadCredentials) or (
         reason.check(UnauthorizedLogin) and not reason.check(LoginRefused)
     ):

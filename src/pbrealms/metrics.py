@@ -6,14 +6,32 @@ a health check and a read-only list of sessions.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+import socket
+from collections import deque
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from twisted.web import resource, server
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.protocols import basic
+from twisted.web import http, resource, server
+
+#: The most HTTP connections open at once on the metrics endpoint; beyond it
+#: new ones are closed as they are accepted.
+MAX_HTTP_CONNECTIONS = 32
+
+#: Seconds an HTTP connection may go without sending a whole request, from
+#: when it opened or its last answer was sent.  Bytes that do not complete a
+#: request do not count: a client trickling a header is closed like an idle
+#: one.
+HTTP_IDLE_TIMEOUT = 30.0
+
+#: The sessions in one page of C{/sessions}, by default and at most.
+SESSIONS_PAGE = 1000
 
 #: How a login can end, as the C{outcome} label of C{pbrealms_logins_total}.
-OUTCOMES = ("ok", "bad_credentials", "too_many", "refused", "abandoned", "error")
+OUTCOMES = ("ok", "bad_credentials", "too_many", "busy", "refused", "abandoned", "error")
 
 #: Why the server ended a session, as the C{why} label of
 #: C{pbrealms_sessions_dropped_total}: replaced by a newer login, replaced as
@@ -124,24 +142,299 @@ class _Health(resource.Resource):
         return b"not serving: stopping or not listening\n"
 
 
+#: What C{/sessions} reads: C{(after, limit)} to the page of sessions with an
+#: id above C{after}, among the next C{limit}, and the C{after} of the next
+#: page (L{None} after the last).  See L{SessionRegistry.describe}.
+SessionPages = Callable[[int, int], tuple[list[dict], int | None]]
+
+
+class _BadQuery(ValueError):
+    """
+    A query value of C{/sessions} is not one it takes; the message says why
+    without quoting it.
+    """
+
+
+def _wholeNumber(
+    args: dict[bytes, list[bytes]], name: str, default: int, low: int, high: int
+) -> int:
+    """
+    The query value C{name}, or C{default} if it is not given.
+
+    @raise _BadQuery: unless it is given once, as a number from C{low} to
+        C{high}.
+    """
+    values = args.get(name.encode("ascii"), [])
+    if not values:
+        return default
+    if len(values) > 1:
+        raise _BadQuery(f"{name} is given more than once")
+    value = values[0]
+    # Digits only (int() takes signs, spaces and underscores), and few of
+    # them: int() of a long string is slow.
+    if not (value.isdigit() and len(value) <= 19) or not low <= int(value) <= high:
+        raise _BadQuery(f"{name} must be a whole number from {low} to {high}")
+    return int(value)
+
+
 class _Sessions(resource.Resource):
+    """
+    C{/sessions}: the open sessions as a JSON array, one per line, in id
+    order, a page at a time: C{?limit=N} (1 to L{SESSIONS_PAGE}, the
+    default) of them after C{?after=ID}.  Unless the page is the last, a
+    C{Link: <?after=ID&limit=N>; rel="next"} header gives the next one.
+    """
+
     isLeaf = True
 
-    def __init__(self, sessions: Callable[[], Iterable[dict]]) -> None:
+    def __init__(self, sessions: SessionPages) -> None:
         super().__init__()
         self.sessions = sessions
 
     def render_GET(self, request) -> bytes:
+        try:
+            after = _wholeNumber(request.args, "after", 0, 0, 2**63 - 1)
+            limit = _wholeNumber(request.args, "limit", SESSIONS_PAGE, 1, SESSIONS_PAGE)
+        except _BadQuery as e:
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return f"{e}\n".encode("ascii")
+        page, following = self.sessions(after, limit)
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(list(self.sessions()), indent=1).encode("utf-8") + b"\n"
+        if following is not None:
+            # A relative reference: it keeps whatever path a proxy serves us on.
+            link = f'<?after={following}&limit={limit}>; rel="next"'
+            request.setHeader(b"link", link.encode("ascii"))
+        if not page:
+            return b"[]\n"
+        # Without indent, json uses its C encoder: three times as fast.
+        return ("[\n" + ",\n".join(map(json.dumps, page)) + "\n]\n").encode("utf-8")
+
+
+_SAFE_METHODS = (b"GET", b"HEAD")
+
+#: The kernel's send buffer of an HTTP connection (Linux doubles it).
+_SEND_BUFFER = 64 * 1024
+
+
+class _Channel(http.HTTPChannel):
+    """
+    An HTTP/1.1 connection to a read-only site, on a port anyone may reach.
+
+      - A request with a body (C{Content-Length} above 0, or any
+        C{Transfer-Encoding}) is answered 413, and one with a method other
+        than GET or HEAD 405, as soon as its headers say so, and the
+        connection is closed: no byte of a body is read, nothing is spooled.
+      - One request at a time (as L{http.HTTPChannel}), and nothing read
+        from the connection until it is answered.  While the transport holds
+        more unsent output than its buffer size (64 KiB), nothing is read and
+        no request already read is parsed, until all is sent.  Stock
+        L{http.HTTPChannel} keeps reading while it answers, and parses what
+        it buffered at once even with the buffer full, so that the answers
+        to pipelined requests pile up.
+      - The idle timeout (C{timeOut}) runs from the connection or the last
+        answer until a request is complete; partial requests do not reset
+        it.  At the timeout a connection that still has unsent output (its
+        peer stopped reading) is aborted at once; another is closed, and
+        aborted C{abortTimeout} seconds later if it is still there.
+    """
+
+    abortTimeout = 5
+    _refused = False
+    # A finished request whose connection waits for the transport to drain
+    # before it goes on to the next one.
+    _held: http.Request | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Linux grows a socket's send buffer up to 4 MiB for a peer that does
+        # not read; a fixed one keeps what such a peer holds small.
+        try:
+            handle = self.transport.getHandle()
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+        except (AttributeError, OSError):
+            pass  # not a socket of ours (a test transport, say)
+
+    def dataReceived(self, data: bytes) -> None:
+        # Not HTTPChannel.dataReceived: it resets the idle timeout on any byte.
+        if not self._refused:
+            basic.LineReceiver.dataReceived(self, data)
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._command not in _SAFE_METHODS:
+            return self._refuse(405, b"Allow: GET, HEAD\r\n", b"only GET and HEAD are served")
+        if not super().headerReceived(line):
+            return False
+        # Content-Length has set self.length; Transfer-Encoding: chunked set
+        # it to None, and any other coding is refused here too.
+        if self.length != 0 or self.requests[-1].requestHeaders.hasHeader(b"transfer-encoding"):
+            return self._refuse(413, b"", b"requests with a body are not accepted")
+        return True
+
+    def allHeadersReceived(self) -> None:
+        # A request without headers reaches here without headerReceived.
+        if self._command not in _SAFE_METHODS:
+            self._refuse(405, b"Allow: GET, HEAD\r\n", b"only GET and HEAD are served")
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        if not self._refused:
+            super().allContentReceived()
+            # Read nothing until it is answered (requestDone resumes): not
+            # even the end of a client that half-closed after its request,
+            # which would drop it while it waits for its turn.
+            self._networkProducer.pauseProducing()
+
+    def _refuse(self, code: int, headers: bytes, why: bytes) -> bool:
+        """
+        Answer C{code} with the one line C{why}, and close the connection.
+        No request is being handled: their headers are parsed only between
+        requests.
+        """
+        self._refused = True
+        body = why + b"\n"
+        self.transport.writeSequence(
+            [
+                b"HTTP/1.1 %d %s\r\n" % (code, http.RESPONSES[code]),
+                b"Connection: close\r\nContent-Type: text/plain; charset=utf-8\r\n",
+                b"Content-Length: %d\r\n" % len(body),
+                headers,
+                b"\r\n",
+                body,
+            ]
+        )
+        self.loseConnection()
+        return False
+
+    def pauseProducing(self) -> None:
+        super().pauseProducing()
+        # Stock pauses reading only if no request is being handled.
+        self._networkProducer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        held, self._held = self._held, None
+        if held is not None:
+            super().requestDone(held)
+
+    def requestDone(self, request: http.Request) -> None:
+        if self.persistent and self._waitingForTransport:
+            # Go on once the transport has sent it all (resumeProducing);
+            # the wait counts as idle.
+            self._held = request
+            self._idleFromNow()
+            return
+        super().requestDone(request)
+        if not self.persistent:
+            # Closing: a peer that does not read the rest is aborted at the
+            # timeout (stock cancels it for the request and never restarts it).
+            self._idleFromNow()
+
+    def _idleFromNow(self) -> None:
+        if self._savedTimeOut:
+            self.setTimeout(self._savedTimeOut)
+
+    def timeoutConnection(self) -> None:
+        # Stock logs a line and waits abortTimeout even for a peer known not
+        # to read.
+        if self._waitingForTransport or getattr(self.transport, "disconnecting", False):
+            self.transport.abortConnection()
+            return
+        self._abortingCall = self.callLater(self.abortTimeout, self._abort)
+        self.loseConnection()
+
+    def _abort(self) -> None:
+        self._abortingCall = None  # called: connectionLost must not cancel it
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        self.site.closed(self)
+
+
+class _Request(server.Request):
+    """
+    A request that waits for its turn on its site (L{MetricsSite.serve})
+    before it is rendered.
+    """
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        proceed = super().requestReceived
+        self.channel.site.serve(self, lambda: proceed(command, path, version))
 
 
 class MetricsSite(server.Site):
     """
-    A site that logs no line per request: a scraper calls every few seconds.
+    The site of the metrics endpoint, for an exposed port: it holds at most
+    C{maxConnections} connections (L{_Channel}) at once, closing more as
+    they are accepted, and renders at most one request per turn of the
+    reactor, in the order they came, so that clients of this port cannot
+    take the reactor from PB clients, however many requests they pipeline.
+    It logs no line per request: a scraper calls every few seconds.
+
+    @ivar channels: the open connections.
     """
 
     noisy = False
+    protocol = _Channel
+    requestFactory = _Request
+    _log = Logger()
+
+    def __init__(
+        self,
+        root: resource.IResource,
+        maxConnections: int = MAX_HTTP_CONNECTIONS,
+        timeout: float | None = HTTP_IDLE_TIMEOUT,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(root, timeout=timeout, **kwargs)
+        self.maxConnections = maxConnections
+        self.channels: set[_Channel] = set()
+        self._turns: deque[tuple[http.Request, Callable[[], object]]] = deque()
+        self._nextTurn: IDelayedCall | None = None
+        self._refusing = False
+
+    def buildProtocol(self, addr) -> _Channel | None:
+        if len(self.channels) >= self.maxConnections:
+            if not self._refusing:
+                # Once, until half the connections have closed: a client
+                # that keeps the endpoint full does not flood the log.
+                self._refusing = True
+                self._log.warn(
+                    "metrics: {count} HTTP connections open, closing new ones as they come",
+                    count=self.maxConnections,
+                )
+            return None  # closed as it is accepted
+        channel = super().buildProtocol(addr)
+        self.channels.add(channel)
+        return channel
+
+    def closed(self, channel: _Channel) -> None:
+        self.channels.discard(channel)
+        if len(self.channels) <= self.maxConnections // 2:
+            self._refusing = False
+
+    def serve(self, request: http.Request, render: Callable[[], object]) -> None:
+        """
+        Call C{render} on a later turn of the reactor than any request
+        queued before, unless C{request}'s connection has closed by then.
+        """
+        self._turns.append((request, render))
+        if self._nextTurn is None:
+            self._nextTurn = self.reactor.callLater(0, self._serveOne)
+
+    def _serveOne(self) -> None:
+        # _nextTurn stays set meanwhile: a request that rendering queues (the
+        # next one pipelined on its connection) waits for the turn after.
+        try:
+            while self._turns:
+                request, render = self._turns.popleft()
+                if request.channel is not None:  # None once its connection is lost
+                    render()
+                    break
+        finally:
+            self._nextTurn = self.reactor.callLater(0, self._serveOne) if self._turns else None
 
     def log(self, request) -> None:
         pass
@@ -150,13 +443,16 @@ class MetricsSite(server.Site):
 def metricsSite(
     metrics: ServerMetrics,
     isServing: Callable[[], bool],
-    sessions: Callable[[], Iterable[dict]],
-) -> server.Site:
+    sessions: SessionPages,
+    **kwargs: object,
+) -> MetricsSite:
     """
     The HTTP site of C{--metrics}: C{/metrics}, C{/healthz} and C{/sessions}.
+
+    @param kwargs: for L{MetricsSite}.
     """
     root = resource.Resource()
     root.putChild(b"metrics", _Metrics(metrics))
     root.putChild(b"healthz", _Health(isServing))
     root.putChild(b"sessions", _Sessions(sessions))
-    return MetricsSite(root)
+    return MetricsSite(root, **kwargs)

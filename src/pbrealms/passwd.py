@@ -21,6 +21,8 @@ from pathlib import Path
 import bcrypt
 from twisted.python import usage
 
+from pbrealms.checkers import stripBOM
+
 DEFAULT_ROUNDS = 12
 
 
@@ -76,8 +78,9 @@ def setPassword(path: Path, user: str, hashed: str) -> bool:
 
     @return: whether the user was there already.
     """
-    # Lines as the server reads them: split on newlines only.
-    data = path.read_bytes() if path.exists() else b""
+    # Lines as the server reads them: split on newlines only, after a
+    # byte-order mark, which is not written back.
+    data = stripBOM(path.read_bytes()) if path.exists() else b""
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()

@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.spread import pb
 
-from pbrealms.errors import InvalidPeriod
+from pbrealms.errors import InvalidPeriod, printable
 
 #: The shortest and longest push periods, in seconds.
 MIN_PERIOD = 0.05
@@ -41,7 +41,7 @@ def validatePeriod(value: object) -> float:
         period = math.inf
     if not math.isfinite(period) or not MIN_PERIOD <= period <= MAX_PERIOD:
         raise InvalidPeriod(
-            f"period must be from {MIN_PERIOD:g} to {MAX_PERIOD:g} seconds, not {value!r}"
+            f"period must be from {MIN_PERIOD:g} to {MAX_PERIOD:g} seconds, not {printable(value)}"
         )
     return period
 
@@ -84,7 +84,7 @@ def _pushFailed(
         _log.warn(
             "client answered {method} with an error, and is not logged again: {error}",
             method=method,
-            error=reason.getErrorMessage(),
+            error=printable(reason.getErrorMessage()),
         )
     return False
 

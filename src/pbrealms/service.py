@@ -17,11 +17,19 @@ from twisted.logger import Logger
 from twisted.spread import pb
 
 from pbrealms.addresses import describeAddress, sourceOf
+from pbrealms.checkers import PasswordHasher
+from pbrealms.descriptors import MAKING_ROOM
 from pbrealms.login import LoginRoot
 from pbrealms.notify import notify
 from pbrealms.push import push
 from pbrealms.sessions import SessionRegistry
-from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES, LimitedBroker
+from pbrealms.wire import (
+    MAX_DEPTH,
+    MAX_MESSAGE_BYTES,
+    MAX_UNFINISHED_BYTES,
+    LimitedBroker,
+    UnfinishedBytes,
+)
 
 _log = Logger()
 
@@ -33,6 +41,8 @@ class PBServerFactory(pb.PBServerFactory):
     counted and closed, and refusing connections from penalised sources.
 
     @ivar brokers: the open connections.
+    @ivar unfinished: the bytes they hold in unfinished messages, against
+        the server's budget for them.
     """
 
     noisy = False
@@ -45,22 +55,30 @@ class PBServerFactory(pb.PBServerFactory):
         maxConnections: int | None = None,
         maxMessageBytes: int = MAX_MESSAGE_BYTES,
         maxDepth: int = MAX_DEPTH,
+        maxUnfinishedBytes: int = MAX_UNFINISHED_BYTES,
     ) -> None:
         super().__init__(root, unsafeTracebacks=False, security=security)
         self.maxConnections = maxConnections
         self.maxMessageBytes = maxMessageBytes
         self.maxDepth = maxDepth
+        self.unfinished = UnfinishedBytes(maxUnfinishedBytes)
         self.brokers: set[pb.Broker] = set()
 
     def buildProtocol(self, addr) -> pb.Broker | None:
         # Returning None closes the connection as it is accepted.
         host = sourceOf(addr)
-        if self.maxConnections is not None and len(self.brokers) >= self.maxConnections:
-            return None
         if not self.root.admits(host):
             return None
+        if self.maxConnections is not None and len(self.brokers) >= self.maxConnections:
+            # At the cap, a newcomer may take the place of a connection that
+            # has not logged in (see WaitingRoom); those closing keep their
+            # descriptor until the next turn, so few at a time.
+            full = len(self.brokers) >= self.maxConnections + MAKING_ROOM
+            if full or not self.root.waiting.makeRoom(host):
+                return None
         broker = super().buildProtocol(addr)
         broker.maxMessageBytes, broker.maxDepth = self.maxMessageBytes, self.maxDepth
+        broker.unfinished = self.unfinished
         broker.localObjectForID(b"root").watch(host)  # the login gate
         self.brokers.add(broker)
         broker.notifyOnDisconnect(lambda: self.brokers.discard(broker))
@@ -155,16 +173,25 @@ class GracefulShutdown(service.Service):
         registry: SessionRegistry,
         factory: PBServerFactory,
         grace: float,
+        hasher: PasswordHasher | None = None,
     ) -> None:
+        """
+        @param hasher: closed as the stop begins, so that the password checks
+            not yet started are dropped, and those under way have the grace
+            to finish.
+        """
         self.clock = clock
         self.registry = registry
         self.factory = factory
         self.grace = grace
+        self.hasher = hasher
 
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
         self.registry.closing = True
+        if self.hasher is not None:
+            self.hasher.close()
         sessions = [s for s in self.registry if s.mind is not None]
         if sessions:
             _log.info(

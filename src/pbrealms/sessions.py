@@ -9,8 +9,10 @@ are the seam a shared store would sit behind.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from itertools import count
+from operator import attrgetter
 from typing import Protocol
 
 from twisted.application import service
@@ -26,6 +28,12 @@ from pbrealms.push import push
 #: What to do with a login of a user who has as many sessions as allowed.
 REFUSE, REPLACE_OLDEST, REPLACE_STALE = "refuse", "replace-oldest", "replace-stale"
 WHEN_FULL = (REFUSE, REPLACE_OLDEST, REPLACE_STALE)
+
+_sessionId = attrgetter("id")
+
+#: How many logins of one user may wait behind the one that is replacing a
+#: session; beyond that a login is refused at once (L{TooManyConnections}).
+MAX_WAITING_PER_USER = 16
 
 
 class ConnectionGone(Exception):
@@ -159,6 +167,84 @@ class Session:
         return f"<Session {self.id} {self.user} from {self.peer}>"
 
 
+class _Turns:
+    """
+    The logins of one user that is replacing a session, let in one at a time
+    in the order they came: a FIFO lock, as L{defer.DeferredLock}.
+
+    Unlike L{defer.DeferredLock} (or C{DeferredSemaphore}, C{DeferredQueue}),
+    releasing never recurses.  Those fire the next waiter from inside
+    C{release}; a waiter that fails at once (its client has gone) releases in
+    turn, one stack level deeper, and a few hundred such waiters hit the
+    recursion limit with the lock left held.  Here the lock is handed on in a
+    loop: a release made while it runs returns to it.
+
+    @ivar locked: whether a login holds its turn.
+    @ivar waiting: the logins waiting, first come first, each with its
+        connection.
+    """
+
+    def __init__(self) -> None:
+        self.locked = False
+        self.waiting: list[tuple[defer.Deferred[None], Connection | None]] = []
+        self._handing = False
+
+    @property
+    def idle(self) -> bool:
+        """
+        Nobody holds or waits for a turn, and none is being handed on.
+        """
+        return not (self.locked or self.waiting or self._handing)
+
+    def acquire(self, connection: Connection | None) -> defer.Deferred[None]:
+        """
+        @return: a L{Deferred} firing once it is this login's turn, or
+            failing with L{ConnectionGone} if L{prune} finds C{connection}
+            closed first.
+        """
+        if not (self.locked or self.waiting):
+            self.locked = True
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred(self._cancel)
+        self.waiting.append((d, connection))
+        return d
+
+    def _cancel(self, d: defer.Deferred[None]) -> None:
+        self.waiting = [w for w in self.waiting if w[0] is not d]
+
+    def prune(self) -> None:
+        """
+        Fail at once the waiters whose connection has closed, which would
+        fail at their turn anyway.
+        """
+        kept: list[tuple[defer.Deferred[None], Connection | None]] = []
+        gone: list[defer.Deferred[None]] = []
+        for d, connection in self.waiting:
+            if connection is not None and not connection.connected:
+                gone.append(d)
+            else:
+                kept.append((d, connection))
+        self.waiting = kept
+        for d in gone:
+            d.errback(ConnectionGone())
+
+    def release(self) -> None:
+        """
+        End the current turn and hand the next one on, without recursion.
+        """
+        self.locked = False
+        if self._handing:
+            return  # called from a waiter the loop below let in: it goes on
+        self._handing = True
+        try:
+            while self.waiting and not self.locked:
+                d, _ = self.waiting.pop(0)
+                self.locked = True
+                d.callback(None)
+        finally:
+            self._handing = False
+
+
 class SessionRegistry:
     """
     The open sessions of every user, the per-user limit on them, and what
@@ -174,6 +260,8 @@ class SessionRegistry:
         that it is replaced.
     @ivar metrics: where session counts and durations go.
     @ivar closing: set when the server shuts down: no session is admitted.
+    @ivar maxWaiting: how many logins of a user may wait behind one that is
+        replacing; more are refused at once.
     """
 
     _log = Logger()
@@ -186,6 +274,7 @@ class SessionRegistry:
         metrics: ServerMetrics | None = None,
         whenFull: str = REFUSE,
         pingTimeout: float = 10.0,
+        maxWaiting: int = MAX_WAITING_PER_USER,
     ) -> None:
         if whenFull not in WHEN_FULL:
             raise ValueError(f"whenFull must be one of {', '.join(WHEN_FULL)}, not {whenFull!r}")
@@ -194,15 +283,19 @@ class SessionRegistry:
         self.maxPerUser = maxPerUser
         self.whenFull = whenFull
         self.pingTimeout = pingTimeout
+        self.maxWaiting = maxWaiting
         self.metrics = metrics or ServerMetrics()
         self.closing = False
         self.metrics.countSessions(realm, self.__len__)
         self._byUser: dict[str, dict[int, Session]] = {}
+        # Every open session, by id: ids only grow, so open appends.  It lets
+        # describe find a page without walking the sessions before it.
+        self._byId: list[Session] = []
         self._ids = count(1)
         self._observers: list[SessionObserver] = []
         # Users with a login waiting for a replaced session to go: their
         # logins are admitted one at a time, in order.
-        self._replacing: dict[str, defer.DeferredLock] = {}
+        self._replacing: dict[str, _Turns] = {}
         # Sessions admitted under that lock, and how to release it once each
         # has logged in or ended.
         self._settling: dict[int, Callable[[], None]] = {}
@@ -228,6 +321,7 @@ class SessionRegistry:
             raise TooManyConnections(self.maxPerUser)
         session = Session(self, next(self._ids), user, peer, self.clock.seconds(), mind, connection)
         self._byUser.setdefault(user, {})[session.id] = session
+        self._byId.append(session)
         return session
 
     def admit(
@@ -239,20 +333,27 @@ class SessionRegistry:
         closed (and its logout run) before the new one opens.  The logins of
         a user that is replacing are admitted one at a time, each once the
         one before is logged in (L{activate}) or has ended, so that each
-        finds the sessions before it replaceable.
+        finds the sessions before it replaceable.  At most C{maxWaiting} of
+        them wait (not counting those whose connection has closed); one more
+        is refused at once.
 
         @return: a L{Deferred} firing with the session, or failing with
             L{TooManyConnections}, L{ShuttingDown}, or L{ConnectionGone} if
             C{connection} closed while the login waited.
         """
-        if user not in self._replacing:
+        turns = self._replacing.get(user)
+        if turns is None:
             if self.whenFull == REFUSE or not self._full(user):
                 return defer.maybeDeferred(self.open, user, peer, mind, connection)
-        lock = self._replacing.setdefault(user, defer.DeferredLock())
+            turns = self._replacing[user] = _Turns()
+        elif len(turns.waiting) >= self.maxWaiting:
+            turns.prune()
+            if len(turns.waiting) >= self.maxWaiting:
+                return defer.fail(TooManyConnections(self.maxPerUser))
 
         def release(_: object = None) -> None:
-            lock.release()
-            if not lock.locked and self._replacing.get(user) is lock:
+            turns.release()
+            if turns.idle and self._replacing.get(user) is turns:
                 del self._replacing[user]
 
         def opened(session: Session) -> Session:
@@ -263,11 +364,11 @@ class SessionRegistry:
             release()
             return reason
 
-        d = lock.acquire()
-        d.addCallback(
-            lambda _: defer.ensureDeferred(self._replaceAndOpen(user, peer, mind, connection))
-        )
-        return d.addCallbacks(opened, refused)
+        def myTurn(_: None) -> defer.Deferred[Session]:
+            d = defer.ensureDeferred(self._replaceAndOpen(user, peer, mind, connection))
+            return d.addCallbacks(opened, refused)
+
+        return turns.acquire(connection).addCallback(myTurn)
 
     async def _replaceAndOpen(
         self, user: str, peer: str, mind: object, connection: Connection | None
@@ -373,6 +474,7 @@ class SessionRegistry:
     def _closed(self, session: Session, reason: str) -> None:
         sessions = self._byUser[session.user]
         del sessions[session.id]
+        del self._byId[bisect_left(self._byId, session.id, key=_sessionId)]
         if not sessions:
             del self._byUser[session.user]
         if not session.active:
@@ -409,12 +511,25 @@ class SessionRegistry:
         """
         return len(self._byUser.get(user, ()))
 
-    def describe(self) -> list[dict]:
+    def describe(self, after: int = 0, limit: int | None = None) -> tuple[list[dict], int | None]:
         """
-        Every open session as a person or a dashboard reads it.
+        A page of the open sessions, as a person or a dashboard reads them:
+        of the C{limit} open sessions (all if L{None}) with the lowest ids
+        above C{after}, those logged in, in id order.  Its cost is that of
+        the page, however many sessions there are.
+
+        @return: the page, and the C{after} of the next page, or L{None} if
+            no session follows.  A page may hold fewer than C{limit}
+            sessions (those still logging in are left out) and yet have one
+            after it.
         """
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        start = bisect_right(self._byId, after, key=_sessionId)
+        end = len(self._byId) if limit is None else start + limit
+        chunk = self._byId[start:end]
         now = self.clock.seconds()
-        return [
+        page = [
             {
                 "user": s.user,
                 "session": s.id,
@@ -422,9 +537,10 @@ class SessionRegistry:
                 "since": s.since,
                 "idle": round(now - s.lastCall, 3),
             }
-            for s in self
+            for s in chunk
             if s.active
         ]
+        return page, chunk[-1].id if end < len(self._byId) else None
 
     def __len__(self) -> int:
         return sum(len(sessions) for sessions in self._byUser.values())

@@ -23,7 +23,14 @@ from twisted.python import usage
 from twisted.python.reflect import qual
 from twisted.spread import jelly, pb
 
-from pbrealms.checkers import PasswordFile, PasswordFileError, checkPermissions, parsePasswords
+from pbrealms.checkers import (
+    PasswordFile,
+    PasswordFileError,
+    PasswordHasher,
+    checkPermissions,
+    parsePasswords,
+)
+from pbrealms.descriptors import DEFAULT_MAX_CONNECTIONS, fitConnections
 from pbrealms.errors import InvalidPeriod
 from pbrealms.guard import SourcePenalties, parseNetworks
 from pbrealms.login import LoginRoot
@@ -32,7 +39,7 @@ from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
 from pbrealms.realms import REALMS, ClockRealm
 from pbrealms.service import GracefulShutdown, Listener, PBRealmsService, PBServerFactory
 from pbrealms.sessions import REFUSE, WHEN_FULL, Keepalive, SessionRegistry
-from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES
+from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES, MAX_UNFINISHED_BYTES
 
 DEFAULT_PORT = "tcp:8787:interface=127.0.0.1"
 DEFAULT_PERIOD = 1.0
@@ -170,7 +177,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "max-message-size",
             None,
             str(MAX_MESSAGE_BYTES),
-            "Bytes one incoming message may have; a larger one closes its connection.",
+            "Bytes one incoming message may have, counted as what it costs in memory "
+            "once decoded; a larger one closes its connection.",
         ],
         [
             "max-depth",
@@ -179,11 +187,22 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "How deep the lists of one incoming message may nest.",
         ],
         [
+            "max-unfinished-bytes",
+            None,
+            str(MAX_UNFINISHED_BYTES),
+            "Bytes that all connections together may hold in messages not yet whole "
+            "(decoded so far, or arrived and waiting), at least --max-message-size; "
+            "beyond it the connection holding the most is closed.",
+        ],
+        [
             "max-connections",
             None,
-            "16384",
+            None,
             "PB connections open at once; beyond it new ones are closed as they are "
-            "accepted. Keep it below the file descriptor limit.",
+            "accepted, or take the place of one not logged in from the address that "
+            "holds the most. The soft file descriptor limit is raised to hold them and "
+            "a reserve; if the hard limit cannot, twistd exits. [default: "
+            f"{DEFAULT_MAX_CONNECTIONS}, or fewer, with a warning, if the limit cannot hold them]",
         ],
         [
             "max-unauthenticated-per-source",
@@ -309,11 +328,17 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         for name in (
             "max-message-size",
             "max-depth",
-            "max-connections",
+            "max-unfinished-bytes",
             "max-unauthenticated-per-source",
             "max-auth-tries",
         ):
             self[name] = self._positive(name, self[name], int)
+        if self["max-unfinished-bytes"] < self["max-message-size"]:
+            # Else one whole message would close its connection.
+            raise usage.UsageError(
+                f"--max-unfinished-bytes ({self['max-unfinished-bytes']}) must be at least "
+                f"--max-message-size ({self['max-message-size']})"
+            )
         self["login-timeout"] = self._positive("login-timeout", self["login-timeout"], float)
         try:
             self["penalty-exempt"] = parseNetworks(self["penalty-exempt"])
@@ -326,6 +351,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 f"refusing to serve the demo users on {self['port']!r}, which is not "
                 "loopback-only: give --passwd FILE or --auth, or listen on 127.0.0.1"
             )
+        # Last, once the rest is known good: this raises the descriptor limit.
+        given = self["max-connections"]
+        if given is not None:
+            given = self._positive("max-connections", given, int)
+        self["max-connections"] = fitConnections(given)
 
     @staticmethod
     def _positive(option: str, value: str, kind: type) -> float:
@@ -500,6 +530,7 @@ def makeService(options: Options) -> PBRealmsService:
         maxConnections=options["max-connections"],
         maxMessageBytes=options["max-message-size"],
         maxDepth=options["max-depth"],
+        maxUnfinishedBytes=options["max-unfinished-bytes"],
     )
     metrics.countConnections(lambda: len(factory.brokers))
 
@@ -510,7 +541,12 @@ def makeService(options: Options) -> PBRealmsService:
         site = metricsSite(metrics, isServing=lambda: server.listening, sessions=registry.describe)
         listener = Listener(options["metrics-endpoint"], site, options["metrics"], "metrics")
         children.append(("metrics-http", listener))
+    hasher = None
     if isinstance(checker, PasswordFile):
+        # This server's own hash threads: closed as the shutdown begins (see
+        # GracefulShutdown), stopped after the grace.
+        checker.hasher = hasher = PasswordHasher()
+        children.append(("password-hasher", hasher))
         if options["demo"]:
             _log.warn(
                 "serving the demo users {users} from {path}; give --passwd FILE for real ones",
@@ -522,7 +558,9 @@ def makeService(options: Options) -> PBRealmsService:
             children.append(("password-file-watcher", watcher))
     if options["keepalive"]:
         children.append(("keepalive", Keepalive(registry, options["keepalive"])))
-    shutdown = GracefulShutdown(reactor, registry, factory, options["shutdown-grace"])
+    shutdown = GracefulShutdown(
+        reactor, registry, factory, options["shutdown-grace"], hasher=hasher
+    )
     children.append(("graceful-shutdown", shutdown))
     children.append(("pb-listener", Listener(options["endpoint"], factory, options["port"])))
     for childName, child in children:

@@ -19,7 +19,9 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.spread import pb
 
+from pbrealms import commands
 from pbrealms.addresses import describeAddress
+from pbrealms.errors import printable
 
 #: The defaults: the most bytes one incoming message may have, and how deep
 #: its lists may nest.
@@ -27,10 +29,40 @@ MAX_MESSAGE_BYTES = 1 << 20
 MAX_DEPTH = 64
 READ_BUDGET = 4 * 1024
 
+#: The default budget for bytes held in unfinished messages, all connections
+#: together: the default per-address cap of connections not logged in (128)
+#: times the default message size, so one address at its cap fits, while
+#: 16,384 connections could otherwise hold 16 GiB.
+MAX_UNFINISHED_BYTES = 128 << 20
+
 _LIST, _INT, _STRING, _NEG, _FLOAT, _LONGINT, _LONGNEG, _VOCAB = range(0x80, 0x88)
-#: What a decoded list and a decoded number cost at least, in bytes of memory.
-_LIST_COST = 64
-_ITEM_COST = 16
+# What a decoded item costs in memory, charged before it is built: CPython
+# 3.11, 64-bit, the objects' sizes as sys.getsizeof gives them, and each
+# block rounded up to 16 bytes as pymalloc does (tests/test_unfinished.py
+# checks the charges against tracemalloc's blocks).
+#: Every item's pointer in the list that holds it: 8 bytes, and 1 more for
+#: the eighth that a growing list allocates ahead (list_resize).
+_SLOT = 9
+#: A string of n bytes costs ((n + _STRING_BASE) & -16) + _SLOT: its object
+#: is 33 + n bytes (getsizeof(b"") == 33), rounded up to 16.  (Beyond
+#: pymalloc's 512-byte blocks, malloc adds up to 16 bytes: under 3.4 %.)
+_STRING_BASE = 33 + 15
+#: A number whose item is n bytes on the wire (its type byte and n - 1
+#: digits of 7 bits) costs ((n + _NUMBER_BASE) & -16) + _SLOT: an int is 28
+#: bytes (getsizeof(1000)) and 4 more per 30 bits (at most 1 per digit), a
+#: float 24 (getsizeof(1.0)).  Ints up to 256 are shared, as are
+#: vocabulary words: those cost only their slot.
+_NUMBER_BASE = 28 - 1 + 15
+_SMALL_INT = 256
+#: A list: its object (getsizeof([]) == 56 with the collector's header: a
+#: block of 64), its array of pointers beyond the slots charged for its
+#: items (list_resize allocates 4 slots at first and 6 ahead later: 48 bytes
+#: cover it), and its slot.
+_LIST_COST = 64 + 48 + _SLOT
+#: What an unfinished list costs besides, until its last item: its entry on
+#: listStack, a tuple (number, list) of 56 bytes (a block of 64), the
+#: number (an int, 32), and the entry's pointer in listStack.
+_OPEN_COST = 64 + 32 + 8
 
 _log = Logger()
 _NOTHING = object()
@@ -41,6 +73,54 @@ class WireError(Exception):
     """
     A client sent something this server will not decode.
     """
+
+
+class UnfinishedBytes:
+    """
+    The bytes that a server's connections hold in messages not yet whole
+    (what is decoded so far, at what it costs in memory, and what has
+    arrived and waits to be decoded), against one budget for them all.
+
+    Each connection stays within C{maxMessageBytes}, but many together could
+    still hold more memory than the server has.  Beyond C{limit}, the
+    connection holding the most is closed: it is the one that costs the
+    most, and a client with a small message in progress is not hurt by
+    another's large ones.
+
+    @ivar total: the bytes held by all connections together.
+    """
+
+    def __init__(self, limit: int = MAX_UNFINISHED_BYTES) -> None:
+        self.limit = limit
+        self.total = 0
+        self._held: dict[LimitedBroker, int] = {}
+
+    def held(self, broker: LimitedBroker) -> int:
+        """
+        The bytes C{broker} holds, as it last said.
+        """
+        return self._held.get(broker, 0)
+
+    def hold(self, broker: LimitedBroker, held: int) -> None:
+        """
+        Record that C{broker} now holds C{held} bytes (once per decoding turn,
+        not per item); while all together hold more than C{limit}, close the
+        connection holding the most, with one log line.
+        """
+        before = self._held.pop(broker, 0)
+        if held:
+            self._held[broker] = held
+        self.total += held - before
+        while self.total > self.limit and self._held:
+            # Only connections with a message in progress are listed: few,
+            # unless the server is under attack, and then rarely.
+            biggest = max(self._held, key=self._held.__getitem__)
+            most = self._held.pop(biggest)
+            self.total -= most
+            biggest.refuse(
+                f"unfinished messages held more than the server's {self.limit} bytes "
+                f"(--max-unfinished-bytes), this connection the most ({most} bytes)"
+            )
 
 
 class _Unanswered:
@@ -65,6 +145,15 @@ class LimitedBroker(pb.Broker):
 
     It reads from a buffer by position, so a large message costs linear time
     (Banana copies the rest of its buffer for every item).
+
+    Reading follows one rule (L{_steer}): nothing is decoded once input is
+    refused or ignored; otherwise, while the transport's write buffer is full
+    (the client does not read its answers), nothing is decoded, not even
+    what has arrived, and the transport is read only while less than
+    C{readBudget} bytes wait, until the buffer has drained; while a turn's
+    budget is used up, the transport is not read and the rest is decoded in
+    the next turn; else the transport is read and what arrives is decoded at
+    once.
     """
 
     maxMessageBytes = MAX_MESSAGE_BYTES
@@ -72,11 +161,19 @@ class LimitedBroker(pb.Broker):
     #: Bytes decoded in one turn of the reactor; the rest waits for the next
     #: turn, with reading paused, so that one client cannot monopolise it.
     readBudget = READ_BUDGET
+    #: The server-wide account of bytes held in unfinished messages, if any.
+    unfinished: UnfinishedBytes | None = None
 
+    #: Whether input is refused or ignored: nothing more is decoded.
     _refused = False
+    #: Whether input is left that the last turn did not get to.
+    _backlog = False
+    #: Whether this broker has paused its transport's reading.
     _paused = False
+    #: The next decoding turn, while one is due.
     _next: IDelayedCall | None = None
-    #: Whether the transport's write buffer is full: one-way pushes skip.
+    #: Whether the transport's write buffer is full: one-way pushes skip,
+    #: and nothing more is decoded.
     writeBlocked = False
 
     def connectionMade(self) -> None:
@@ -92,28 +189,37 @@ class LimitedBroker(pb.Broker):
             if setOption is not None:
                 with contextlib.suppress(OSError):
                     setOption(True)
-        # The transport tells its producer when its write buffer is full, and
-        # when it has drained: pushes that need no answer use that to skip.
+        # The transport tells its producer when its write buffer is full
+        # (more than its bufferSize, 64 KiB, beyond what the kernel holds),
+        # and when it has drained: reading waits for that, and pushes that
+        # need no answer skip.  TLS passes both on from the TCP transport.
         self.transport.registerProducer(self, True)
         super().connectionMade()
 
     def pauseProducing(self) -> None:
+        # Called on every write while the buffer is full: cheap when so.
         self.writeBlocked = True
+        self._steer()
 
     def resumeProducing(self) -> None:
         self.writeBlocked = False
+        # What arrived before the pause may hold whole messages.
+        self._backlog = bool(self._pending)
+        self._steer()
 
     def stopProducing(self) -> None:
         self.writeBlocked = True
+        self._steer()
 
     def closeGracefully(self) -> None:
         """
-        Close the connection once what is buffered has been written.  The
-        broker stops being its transport's producer first: a transport with
-        a producer waits for it (TLS never shuts down, TCP resumes the
-        producer instead of closing).
+        Close the connection once what is buffered has been written, and
+        decode nothing more.  The broker stops being its transport's producer
+        first: a transport with a producer waits for it (TLS never shuts
+        down, TCP resumes the producer instead of closing).
         """
         self.writeBlocked = True
+        self.ignoreInput()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 
@@ -125,10 +231,20 @@ class LimitedBroker(pb.Broker):
         if self._refused:
             return
         self._pending += chunk
-        if self._next is None:
+        if self._next is None and not self.writeBlocked:
             self._drain()
+            return
+        # Decoding waits: for the next turn, or for the write buffer.
+        if self.unfinished is not None:
+            self.unfinished.hold(self, self._messageBytes + len(self._pending))
+        if self.writeBlocked:
+            self._steer()
 
     def _drain(self) -> None:
+        """
+        One decoding turn: decode up to C{readBudget} bytes of what has
+        arrived, tell the server-wide account what is held now, and steer.
+        """
         self._next = None
         pending = self._pending
         try:
@@ -138,27 +254,62 @@ class LimitedBroker(pb.Broker):
             return
         except Exception as e:
             # What Banana or PB raise about a malformed message.
-            self.refuse(f"malformed message ({type(e).__name__}: {str(e)[:80]})")
+            self.refuse(f"malformed message ({type(e).__name__}: {printable(str(e), 80)})")
             return
         del pending[:used]
         if self._refused or self.disconnected:
             return
-        if used >= self.readBudget and pending:
-            from twisted.internet import reactor
+        # Decoding stops early at a full write buffer: the rest waits too.
+        self._backlog = bool(pending) and (used >= self.readBudget or self.writeBlocked)
+        if self.unfinished is not None:
+            self.unfinished.hold(self, self._messageBytes + len(pending))
+            if self._refused:
+                return  # this connection held the most
+        self._steer()
 
-            if not self._paused:
-                self._paused = True
+    def _steer(self) -> None:
+        """
+        Make the transport's reading and the next decoding turn follow the
+        state (see the class's docstring): the one place that changes them.
+        """
+        if self._refused:
+            # Read on, decoding nothing: a graceful close (TLS's included)
+            # needs to read the peer's end.
+            turn, read = False, True
+        elif self.writeBlocked:
+            # Nothing is decoded; up to a turn's budget more is read, because
+            # TLS must read to send (its handshake, before which it holds
+            # what is written and says its buffer is full).
+            turn, read = False, len(self._pending) < self.readBudget
+        else:
+            turn, read = self._backlog, not self._backlog
+        if turn:
+            if self._next is None:
+                from twisted.internet import reactor
+
+                self._next = reactor.callLater(0, self._drain)
+        elif self._next is not None:
+            self._next.cancel()
+            self._next = None
+        if read == self._paused:
+            self._paused = not read
+            if read:
+                self.transport.resumeProducing()
+            else:
                 self.transport.pauseProducing()
-            self._next = reactor.callLater(0, self._drain)
-        elif self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
 
     def connectionLost(self, reason) -> None:
         self.ignoreInput()
         super().connectionLost(reason)
 
     def proto_message(self, requestID, objectID, message, answerRequired, netArgs, netKw):
+        # PB logs a traceback for a field of the wrong type, once per message.
+        problem = commands.checkMessage(
+            requestID, objectID, message, answerRequired, netArgs, netKw
+        )
+        if problem is not None:
+            raise WireError(problem)
+        netKw = commands.unicodeNames(netKw)
         # A call that wants no answer (pbanswer=False) and fails would end as
         # an "Unhandled error in Deferred" traceback: its failure has been
         # dealt with (a refused login is logged), so let it go.
@@ -171,12 +322,16 @@ class LimitedBroker(pb.Broker):
 
     def ignoreInput(self) -> None:
         """
-        Decode nothing more from this connection, even what has arrived.
+        Decode nothing more from this connection, even what has arrived, and
+        let go of that (a new buffer: a turn may be decoding the old one).
+        What it holds counts no more; it is gone when the connection is.
         """
         self._refused = True
-        if self._next is not None:
-            self._next.cancel()
-            self._next = None
+        self._pending = bytearray()
+        self._messageBytes = 0
+        if self.unfinished is not None:
+            self.unfinished.hold(self, 0)
+        self._steer()
 
     def proto_cachemessage(self, *args) -> None:
         # pbrealms has no Cacheable: a client's cache message is never valid,
@@ -187,9 +342,83 @@ class LimitedBroker(pb.Broker):
         # PB logs each of these with the peer's text: a way to flood the log.
         pass
 
+    # What follows checks each command's shape before PB acts on it (see
+    # pbrealms.commands): PB logs a traceback for each one it cannot handle,
+    # or leaves what waits for an answer unfired.
+
+    def proto_answer(self, requestID, netResult) -> None:
+        self._question(requestID, "an answer")
+        result = self._reply(netResult, "an answer")
+        self.waitingForAnswers.pop(requestID).callback(result)
+
+    def proto_error(self, requestID, fail) -> None:
+        self._question(requestID, "an error")
+        problem = commands.checkFailure(fail)
+        if problem is not None:
+            raise WireError(problem)
+        reason = commands.receivedFailure(self._reply(fail[1], "an error"))
+        if reason is None:
+            raise WireError("an error that is not a failure")
+        self.waitingForAnswers.pop(requestID).errback(reason)
+
+    def _question(self, requestID: object, what: str) -> None:
+        if type(requestID) is not int or requestID not in self.waitingForAnswers:
+            raise WireError(f"{what} to no question")
+
+    def _reply(self, expression: object, what: str) -> object:
+        """
+        Decode an answer's or an error's C{expression}.  What waits for it is
+        left waiting when it does not decode: the connection closes, which
+        fails it.
+        """
+        problem = commands.checkJelly(expression)
+        if problem is not None:
+            raise WireError(problem)
+        try:
+            return self.unserialize(expression)
+        except Exception as e:
+            raise WireError(f"{what} that cannot be decoded ({type(e).__name__})") from None
+
+    def unserialize(self, sexp, perspective=None) -> object:
+        # As PB's, refusing a reference without a proper id before building
+        # it (see commands.unjelly).
+        self.unserializingPerspective = perspective
+        try:
+            return commands.unjelly(sexp, self.security, self)
+        finally:
+            self.unserializingPerspective = None
+
+    def proto_decref(self, objectID) -> None:
+        # The server's named objects (the root) are not counted.
+        if type(objectID) is not int or objectID not in self.localObjects:
+            raise WireError("a decref of no reference")
+        super().proto_decref(objectID)
+
+    def proto_decache(self, objectID) -> None:
+        raise WireError("a decache of a cached object")
+
+    def proto_uncache(self, objectID) -> None:
+        raise WireError("an uncache of a cached object")
+
+    def proto_version(self, vnum) -> None:
+        if type(vnum) is not int or vnum != self.version:
+            raise WireError(f"a PB version other than {self.version}")
+
+    def _sendError(self, fail, requestID) -> None:
+        # The one place PB sends errors: each carries only its type, parents
+        # and message, whatever PB would copy of it (see
+        # commands.failureState).
+        state = commands.failureState(fail)
+        self.sendCall(b"error", requestID, [commands.FAILURE, self.serialize(state)])
+
     def callExpressionReceived(self, obj) -> None:
-        if self.currentDialect is None and obj not in self.knownDialects:
-            raise WireError("no dialect that PB speaks")
+        if self.currentDialect is None:
+            if obj not in self.knownDialects:
+                raise WireError("no dialect that PB speaks")
+        else:
+            problem = commands.checkCommand(obj)
+            if problem is not None:
+                raise WireError(problem)
         super().callExpressionReceived(obj)
 
     def refuse(self, reason: str) -> None:
@@ -206,11 +435,13 @@ class LimitedBroker(pb.Broker):
         Decode the whole items in C{buf}, passing each to L{gotItem}, until
         C{budget} bytes are used.
 
-        Every item counts against C{maxMessageBytes} before it is built,
-        and at least what it costs in memory once decoded, not only its few
-        bytes on the wire: an empty list is one byte there, and some sixty
-        in Python.  A string is refused as soon as its announced length is
-        too much, before it arrives.  (The loop keeps everything in local
+        Every item counts against C{maxMessageBytes} before it is built, by
+        what it costs in memory once decoded (see L{_SLOT} and the others),
+        not by its few bytes on the wire: a 2-byte string is 4 bytes there,
+        and 57 in Python.  A string is refused as soon as its announced
+        length is too much, before it arrives.  Decoding stops after a whole
+        message if the input is refused or the write buffer is full: only a
+        whole message can be answered.  (The loop keeps everything in local
         names: it runs for every item a client sends.)
 
         @return: how many bytes were used.
@@ -222,7 +453,7 @@ class LimitedBroker(pb.Broker):
         messageBytes = self._messageBytes
         end = len(buf)
         pos = 0
-        while pos < end and pos < budget and not self._refused:
+        while pos < end and pos < budget:
             start = scan = pos
             stop = min(end, pos + prefixLimit + 1)
             while scan < stop and buf[scan] < 0x80:
@@ -244,17 +475,17 @@ class LimitedBroker(pb.Broker):
             if kind == _STRING:
                 if num > sizeLimit:
                     raise WireError(f"a string of {num} bytes")
-                cost = pos - start + num
+                cost = ((num + _STRING_BASE) & -16) + _SLOT
             elif kind == _LIST:
                 if num > sizeLimit:
                     raise WireError(f"a list of {num} items")
                 if len(listStack) >= maxDepth:
                     raise WireError(f"a message nested deeper than {maxDepth} lists")
-                cost = _LIST_COST
-            elif kind == _FLOAT:
-                cost = pos - start + 8
+                cost = _LIST_COST + _OPEN_COST
+            elif (kind == _INT and num <= _SMALL_INT) or kind == _VOCAB:
+                cost = _SLOT
             else:
-                cost = _ITEM_COST
+                cost = ((pos - start + _NUMBER_BASE) & -16) + _SLOT
             if messageBytes + cost > maxBytes:
                 raise WireError(f"a message larger than {maxBytes} bytes")
             if kind == _STRING:
@@ -287,7 +518,10 @@ class LimitedBroker(pb.Broker):
                 gotItem(item)
             while listStack and len(listStack[-1][1]) == listStack[-1][0]:
                 gotItem(listStack.pop()[1])
+                messageBytes -= _OPEN_COST  # its entry on listStack is gone
             if not listStack:
                 messageBytes = 0
+                if self._refused or self.writeBlocked:
+                    break
         self._messageBytes = messageBytes
         return pos
