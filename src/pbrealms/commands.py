@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from twisted.python import reflect
 from twisted.python.failure import Failure
-from twisted.spread import jelly, pb
+from twisted.spread import pb
 
 #: The commands a client may send, and how many fields follow each.
 FIELDS = {
@@ -91,6 +91,9 @@ def checkMessage(
         return "a message whose arguments are not a tuple"
     if type(netKw) is not list or not netKw or netKw[0] != b"dictionary":
         return "a message whose keyword arguments are not a dictionary"
+    if len(netKw) == 1:
+        # No keyword arguments (most calls): only the arguments to walk.
+        return checkJelly(netArgs) if len(netArgs) > 1 else None
     problem = checkJelly(netArgs) or checkJelly(netKw)
     if problem is not None:
         return problem
@@ -114,7 +117,7 @@ def unicodeNames(netKw: list) -> list:
     client sends as byte strings turned into the strings a Python 3 client
     sends, so that every receiver can pass them as keyword arguments.
     """
-    if not any(type(name) is bytes for name, _ in netKw[1:]):
+    if len(netKw) == 1 or not any(type(name) is bytes for name, _ in netKw[1:]):
         return netKw
     entries = [[[b"unicode", k] if type(k) is bytes else k, v] for k, v in netKw[1:]]
     return [netKw[0], *entries]
@@ -276,30 +279,3 @@ def _isUTF8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-class _Unjellier(jelly._Unjellier):
-    """
-    Jelly's decoder, refusing a reference without a proper id before it
-    builds anything: PB builds a blank L{pb.RemoteReference} first, and one
-    left half-built fails in its finaliser.  (Twisted has no public hook for
-    this; the class has been stable since 2003.)
-    """
-
-    def unjelly(self, obj):
-        if type(obj) is list and obj and (obj[0] == b"remote" or obj[0] == b"local"):
-            problem = checkReference(obj)
-            if problem is not None:
-                raise jelly.InsecureJelly(problem)
-        return super().unjelly(obj)
-
-
-def unjelly(expression: object, security: jelly.SecurityOptions, broker: pb.Broker) -> object:
-    """
-    Decode a jelly C{expression} received by C{broker}, as L{jelly.unjelly},
-    refusing references whose id is not proper.
-
-    @raise jelly.InsecureJelly: for a type C{security} refuses, or such a
-        reference.
-    """
-    return _Unjellier(security, None, broker).unjellyFull(expression)

@@ -107,6 +107,8 @@ class UnfinishedBytes:
         not per item); while all together hold more than C{limit}, close the
         connection holding the most, with one log line.
         """
+        if not held and broker not in self._held:
+            return  # nothing changes (and a closing broker says so again)
         before = self._held.pop(broker, 0)
         if held:
             self._held[broker] = held
@@ -328,6 +330,9 @@ class LimitedBroker(pb.Broker):
         """
         self._refused = True
         self._pending = bytearray()
+        # The partial message too, which would otherwise stay uncounted until
+        # the connection is gone (a graceful close may take a while).
+        self.listStack = []
         self._messageBytes = 0
         if self.unfinished is not None:
             self.unfinished.hold(self, 0)
@@ -378,15 +383,6 @@ class LimitedBroker(pb.Broker):
             return self.unserialize(expression)
         except Exception as e:
             raise WireError(f"{what} that cannot be decoded ({type(e).__name__})") from None
-
-    def unserialize(self, sexp, perspective=None) -> object:
-        # As PB's, refusing a reference without a proper id before building
-        # it (see commands.unjelly).
-        self.unserializingPerspective = perspective
-        try:
-            return commands.unjelly(sexp, self.security, self)
-        finally:
-            self.unserializingPerspective = None
 
     def proto_decref(self, objectID) -> None:
         # The server's named objects (the root) are not counted.
