@@ -17,9 +17,17 @@ from twisted.logger import Logger
 from twisted.protocols import basic
 from twisted.web import http, resource, server
 
-#: The most HTTP connections open at once on the metrics endpoint; beyond it
-#: new ones are closed as they are accepted.
+from pbrealms.addresses import sourceOf
+
+#: The most HTTP connections open at once on the metrics endpoint.  At it, a
+#: new one takes the place of the oldest idle connection of the address that
+#: holds the most, if that address holds more than the new one's; otherwise
+#: the new one is closed as it is accepted.
 MAX_HTTP_CONNECTIONS = 32
+
+#: The most HTTP connections one address may hold on the metrics endpoint;
+#: beyond it its new ones are closed as they are accepted.
+MAX_HTTP_CONNECTIONS_PER_SOURCE = 4
 
 #: Seconds an HTTP connection may go without sending a whole request, from
 #: when it opened or its last answer was sent.  Bytes that do not complete a
@@ -241,6 +249,8 @@ class _Channel(http.HTTPChannel):
 
     abortTimeout = 5
     _refused = False
+    #: The address it comes from, as L{sourceOf} gives it.
+    source = ""
     # A finished request whose connection waits for the transport to drain
     # before it goes on to the next one.
     _held: http.Request | None = None
@@ -348,6 +358,14 @@ class _Channel(http.HTTPChannel):
         self._abortingCall = None  # called: connectionLost must not cancel it
         self.transport.abortConnection()
 
+    @property
+    def idle(self) -> bool:
+        """
+        Whether no request is being answered.  A partial request counts as
+        idle, as for the idle timeout.
+        """
+        return not self._handlingRequest
+
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
         self.site.closed(self)
@@ -367,11 +385,17 @@ class _Request(server.Request):
 class MetricsSite(server.Site):
     """
     The site of the metrics endpoint, for an exposed port: it holds at most
-    C{maxConnections} connections (L{_Channel}) at once, closing more as
-    they are accepted, and renders at most one request per turn of the
-    reactor, in the order they came, so that clients of this port cannot
+    C{maxPerSource} connections (L{_Channel}) from one address and
+    C{maxConnections} in all, and renders at most one request per turn of
+    the reactor, in the order they came, so that clients of this port cannot
     take the reactor from PB clients, however many requests they pipeline.
     It logs no line per request: a scraper calls every few seconds.
+
+    A new connection beyond its address's cap is closed as it is accepted.
+    One at the total cap takes the place of the oldest idle connection of
+    the address that holds the most, if that address holds more than the
+    new one's (so that a few addresses cannot keep C{/healthz} out);
+    otherwise it is closed as it is accepted.
 
     @ivar channels: the open connections.
     """
@@ -386,34 +410,69 @@ class MetricsSite(server.Site):
         root: resource.IResource,
         maxConnections: int = MAX_HTTP_CONNECTIONS,
         timeout: float | None = HTTP_IDLE_TIMEOUT,
+        maxPerSource: int = MAX_HTTP_CONNECTIONS_PER_SOURCE,
         **kwargs: object,
     ) -> None:
         super().__init__(root, timeout=timeout, **kwargs)
         self.maxConnections = maxConnections
+        self.maxPerSource = maxPerSource
         self.channels: set[_Channel] = set()
+        # Each address's connections, oldest first.
+        self._bySource: dict[str, list[_Channel]] = {}
         self._turns: deque[tuple[http.Request, Callable[[], object]]] = deque()
         self._nextTurn: IDelayedCall | None = None
-        self._refusing = False
+        self._refusing = self._refusingSource = False
 
     def buildProtocol(self, addr) -> _Channel | None:
+        source = sourceOf(addr)
+        held = self._bySource.get(source, [])
+        if len(held) >= self.maxPerSource:
+            if not self._refusingSource:
+                # Once, until the endpoint has been full and half its
+                # connections have closed, as below: a client that
+                # reconnects does not flood the log.
+                self._refusingSource = True
+                self._log.warn(
+                    "metrics: {source} holds {count} HTTP connections, closing its new ones",
+                    source=source,
+                    count=self.maxPerSource,
+                )
+            return None  # closed as it is accepted
         if len(self.channels) >= self.maxConnections:
             if not self._refusing:
                 # Once, until half the connections have closed: a client
                 # that keeps the endpoint full does not flood the log.
                 self._refusing = True
                 self._log.warn(
-                    "metrics: {count} HTTP connections open, closing new ones as they come",
+                    "metrics: {count} HTTP connections open, new ones take the place of "
+                    "idle ones of the address that holds the most, or are closed",
                     count=self.maxConnections,
                 )
-            return None  # closed as it is accepted
+            most = max(self._bySource.values(), key=len, default=[])
+            idle = [c for c in most if c.idle] if len(most) > len(held) else []
+            if not idle:
+                return None  # closed as it is accepted
+            idle[0].transport.abortConnection()  # idle: no answer is cut short
+            self._untrack(idle[0])
         channel = super().buildProtocol(addr)
+        channel.source = source
         self.channels.add(channel)
+        self._bySource.setdefault(source, []).append(channel)
         return channel
 
     def closed(self, channel: _Channel) -> None:
-        self.channels.discard(channel)
-        if len(self.channels) <= self.maxConnections // 2:
-            self._refusing = False
+        self._untrack(channel)
+        if self._refusing and len(self.channels) <= self.maxConnections // 2:
+            self._refusing = self._refusingSource = False
+
+    def _untrack(self, channel: _Channel) -> None:
+        # Twice for a connection replaced (now, and when it is lost).
+        if channel in self.channels:
+            self.channels.remove(channel)
+            held = self._bySource[channel.source]
+            held.remove(channel)
+            if not held:
+                del self._bySource[channel.source]
 
     def serve(self, request: http.Request, render: Callable[[], object]) -> None:
         """
