@@ -771,3 +771,28 @@ async def test_the_count_of_unanswered_pushes_comes_down_whatever_the_answer(
         assert not closes(log)
     assert session.unanswered == 0
     noTracebacks(log, unraisable)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_with_many_references_closes_the_connection_in_one_line(
+    harness, reactor, raw, log, unraisable
+):
+    # Each reference costs a RemoteReference and a decref written back: an
+    # attacker packed thousands into one call to make the server work.
+    from pbrealms.commands import MAX_REFERENCES
+
+    served = await harness.serve("cache")
+    few = await rawClient(reactor, served, raw)
+    few.call(b"root", b"login", *([b"remote", n] for n in range(MAX_REFERENCES)))
+    assert await few.sentinel() is not None  # still served
+    many = await rawClient(reactor, served, raw)
+    many.call(b"root", b"login", *([b"remote", n] for n in range(4000)))
+    assert await many.sentinel() is None
+    await many.closed()
+    assert closes(log) == [
+        f"closed the connection from {many.peer}: "
+        f"more than {MAX_REFERENCES} references in one expression"
+    ]
+    noTracebacks(log, unraisable)
+    few.transport.loseConnection()
+    await few.closed()

@@ -39,6 +39,12 @@ MAX_ERROR_TEXT = 512
 #: The most parent classes an error received from a client may name.
 MAX_PARENTS = 64
 
+#: The most references one jelly expression (a call's arguments, its keyword
+#: arguments, an answer) may hold.  A client passes one (its client object);
+#: each costs the server a RemoteReference and, when it is dropped, a decref
+#: written back, so thousands in a message cost far more than their bytes.
+MAX_REFERENCES = 16
+
 #: How PB tags a failure on the wire.
 FAILURE = reflect.qual(pb.CopyableFailure).encode("ascii")
 _INTERNAL = "internal server error (see the server log)"
@@ -149,6 +155,7 @@ def checkJelly(expression: object) -> str | None:
     limit allows.
     """
     pending = [expression]
+    references = 0
     while pending:
         item = pending.pop()
         if type(item) is not list:
@@ -160,6 +167,9 @@ def checkJelly(expression: object) -> str | None:
             problem = checkReference(item)
             if problem is not None:
                 return problem
+            references += 1
+            if references > MAX_REFERENCES:
+                return f"more than {MAX_REFERENCES} references in one expression"
         elif tag == b"dictionary":
             for entry in item[1:]:
                 if type(entry) is not list or len(entry) != 2:
