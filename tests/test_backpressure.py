@@ -4,8 +4,11 @@ read from, and nothing more it sent is decoded, until the buffer has drained;
 and no error message or log line quotes more than a couple of hundred
 characters of what a client sent.
 
-The attacks against a real twistd last PBREALMS_ATTACK_SECONDS each (default
-4; the issue's acceptance is 40).
+The attacks against a real twistd last at least PBREALMS_ATTACK_SECONDS each
+(default 4; the issue's acceptance is 40).  Those whose answers are small and
+many also last until the attacker has been unable to send for STALL_SECONDS,
+and then HOLD_SECONDS more, however long that takes on a loaded machine (up to
+STALL_DEADLINE): what they prove is judged on the stall, not on a duration.
 """
 
 from __future__ import annotations
@@ -38,6 +41,16 @@ from pbrealms.wire import LimitedBroker
 PEER = IPv4Address("TCP", "192.0.2.7", 4242)
 ATTACK_SECONDS = float(os.environ.get("PBREALMS_ATTACK_SECONDS") or 4)
 CONNECTIONS = 2
+#: How long the attacker's sends must have been refused to count as a stall:
+#: longer than a busy server on a loaded 2-core machine stops reading.
+STALL_SECONDS = 2.0
+#: How long an attack may take to reach its stall before the test fails.
+STALL_DEADLINE = 20.0
+#: How long the attacker is kept stalled, with the server's RSS sampled.
+HOLD_SECONDS = 2.0
+#: What the server may grow by while the attacker is stalled: a server that
+#: still reads and buffers answers grows by megabytes a second.
+HOLD_GROWTH = 1024 * 1024
 #: What one attacking connection may grow the server by.
 GROWTH_PER_CONNECTION = 20 * 1024 * 1024
 #: The most characters of a client's data that a message may quote.
@@ -275,6 +288,15 @@ from twisted.spread import banana, pb
 
 port, mode, seconds, count = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 password = sys.argv[5].encode()
+# stall: seconds of refused sends that count as a stall (0: run `seconds` only);
+# then hold that stall `hold` seconds more, sampling the server's RSS.
+server, stall, hold, stallDeadline = int(sys.argv[6]), *map(float, sys.argv[7:10])
+
+
+def rss():
+    for line in open(f"/proc/{server}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
 
 
 def call(requestID, objectID, method, args=(), kw=()):
@@ -336,11 +358,19 @@ for _ in range(count):
     payload = message * max(1, 65536 // len(message))
 view = memoryview(payload)
 offsets = dict.fromkeys(socks, 0)
-sent = closed = 0
+sent = closed = heldSent = 0
 start = last = time.monotonic()
-deadline = start + seconds
+deadline = start + (stallDeadline if stall else seconds)
+stalledAt = stalledRSS = peakRSS = None
 print("attacking", flush=True)
 while socks and (now := time.monotonic()) < deadline:
+    if stall and stalledAt is None and now - last >= stall:
+        # Stalled: now it must stay so, and the server must not grow.
+        stalledAt, stalledRSS, heldSent = now - start, rss(), sent
+        peakRSS = stalledRSS
+        deadline = max(now + hold, start + seconds)
+    elif stalledAt is not None:
+        peakRSS = max(peakRSS, rss())
     _, writable, _ = select.select([], socks, [], min(0.1, deadline - now))
     for sock in writable:
         try:
@@ -354,7 +384,12 @@ while socks and (now := time.monotonic()) < deadline:
         sent += n
         last = time.monotonic()
         offsets[sock] = (offsets[sock] + n) % len(payload)
-print(json.dumps({"sent": sent, "stalled": time.monotonic() - last, "closed": closed}))
+end = time.monotonic()
+print(json.dumps({
+    "sent": sent, "stalled": end - last, "closed": closed, "seconds": end - start,
+    "stalledAt": stalledAt, "heldSent": sent - heldSent,
+    "heldGrowth": None if stalledAt is None else peakRSS - stalledRSS,
+}))
 """
 
 
@@ -413,10 +448,15 @@ async def test_attackers_that_never_read_cost_the_server_little(reactor, tmp_pat
     whole), unknown methods on the root, or status after logging in (with no
     keepalive to end it).  The server grows by less than 20 MB per
     connection; a canary from another address logs in within 200 ms
-    throughout; and where the answers are small and many, the attacker ends
-    up unable to send: the server has stopped reading.  No login timeout
-    ends the attack.
+    throughout (but one outlier); and where the answers are small and many,
+    the attacker ends up unable to send for STALL_SECONDS (the server has
+    stopped reading) and, kept so for HOLD_SECONDS more, the server does not
+    grow.  No login timeout ends the attack.  (Each 600 kB keyword call has a
+    small answer: it takes gigabytes to fill the buffers, so that attack is
+    judged on its growth in ATTACK_SECONDS, where quoting it whole grew
+    hundreds of MiB.)
     """
+    stall = 0.0 if attack == "keyword" else STALL_SECONDS
     server, port, output = startServer(
         tmp_path, passwd, "--keepalive", "0", "--login-timeout", "3600"
     )
@@ -426,7 +466,8 @@ async def test_attackers_that_never_read_cost_the_server_little(reactor, tmp_pat
         before = memory(server.pid)["VmRSS"]
         attacker = subprocess.Popen(
             [sys.executable, "-c", ATTACK, str(port), attack, str(ATTACK_SECONDS),
-             str(CONNECTIONS), USERS["alice"]],
+             str(CONNECTIONS), USERS["alice"], str(server.pid), str(stall), str(HOLD_SECONDS),
+             str(STALL_DEADLINE)],
             stdout=subprocess.PIPE, text=True, env=environment(),
         )  # fmt: skip
         assert attacker.stdout.readline() == "attacking\n"
@@ -442,18 +483,32 @@ async def test_attackers_that_never_read_cost_the_server_little(reactor, tmp_pat
         server.terminate()
         server.wait(10)
     grown = peak - before
+    logins.sort()
+    # One slow login in a run is tolerated: on a shared 2-core machine any
+    # process can lose the CPU for a few hundred ms.  A server that the
+    # attack starves is slow on every login, not on one.
+    slow = logins[-2] if len(logins) > 1 else logins[-1]
     figures = (
-        f"{attack} for {ATTACK_SECONDS:g} s: grew {grown / 2**20:.1f} MiB, canary logins "
-        f"{len(logins)}, slowest {max(logins) * 1000:.0f} ms, sent {report['sent'] / 2**20:.1f} "
-        f"MiB, sending stalled for the last {report['stalled']:.1f} s"
+        f"{attack} for {report['seconds']:.1f} s: grew {grown / 2**20:.1f} MiB, canary logins "
+        f"{len(logins)}, slowest {logins[-1] * 1000:.0f} ms, then {slow * 1000:.0f} ms, sent "
+        f"{report['sent'] / 2**20:.1f} MiB, sending stalled for the last "
+        f"{report['stalled']:.1f} s"
     )
+    if report["stalledAt"] is not None:
+        figures += (
+            f" (stalled {stall:g} s after {report['stalledAt']:.1f} s; then grew "
+            f"{report['heldGrowth'] / 2**10:.0f} KiB, sent {report['heldSent']} bytes)"
+        )
     print(figures)
     assert report["closed"] == 0, figures
+    if stall:
+        assert report["stalledAt"] is not None, (
+            f"the attacker's sends were never refused for {stall:g} s in "
+            f"{STALL_DEADLINE:g} s: the server never stopped reading; {figures}"
+        )
+        assert report["heldGrowth"] < HOLD_GROWTH, figures
     assert grown < CONNECTIONS * GROWTH_PER_CONNECTION, figures
-    assert max(logins) < 0.2, figures
-    if attack != "keyword":
-        # Each 600 kB call there has a small answer: the buffers fill slowly.
-        assert report["stalled"] > 1.0, figures
+    assert slow < 0.2, figures
     log = output.read_text()
     assert "Traceback" not in log
     assert max(len(line) for line in log.splitlines()) < 1000
