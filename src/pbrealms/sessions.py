@@ -543,7 +543,8 @@ class SessionRegistry:
         return page, chunk[-1].id if end < len(self._byId) else None
 
     def __len__(self) -> int:
-        return sum(len(sessions) for sessions in self._byUser.values())
+        # Every open session is in _byId: no walk over the users per scrape.
+        return len(self._byId)
 
     def __iter__(self) -> Iterator[Session]:
         for sessions in list(self._byUser.values()):
