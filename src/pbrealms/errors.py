@@ -115,6 +115,15 @@ class ServerBusy(LoginRefused):
         super().__init__("the server is busy checking passwords; retry in a moment")
 
 
+class AnonymousRefused(LoginRefused):
+    """
+    An anonymous login: every session belongs to a user.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("anonymous login is not allowed")
+
+
 class LoginFailed(pb.Error):
     """
     The login failed for a reason that is the server's fault; the server logged
@@ -208,6 +217,7 @@ _WIRE_ERRORS: tuple[type[pb.Error], ...] = (
     InsecureLogin,
     ShuttingDown,
     ServerBusy,
+    AnonymousRefused,
     LoginRefused,
     LoginFailed,
     InvalidPeriod,
