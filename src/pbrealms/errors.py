@@ -124,6 +124,18 @@ class AnonymousRefused(LoginRefused):
         super().__init__("anonymous login is not allowed")
 
 
+class SourcePenalised(LoginRefused):
+    """
+    The client's address failed to log in too often of late, and is refused
+    until its penalty drains (see L{pbrealms.guard}).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"too many failed logins from this address: try again in {max(1, math.ceil(seconds))} s"
+        )
+
+
 class LoginFailed(pb.Error):
     """
     The login failed for a reason that is the server's fault; the server logged
@@ -218,6 +230,7 @@ _WIRE_ERRORS: tuple[type[pb.Error], ...] = (
     ShuttingDown,
     ServerBusy,
     AnonymousRefused,
+    SourcePenalised,
     LoginRefused,
     LoginFailed,
     InvalidPeriod,
