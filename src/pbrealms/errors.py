@@ -8,6 +8,8 @@ Twisted can still tell a refusal from a failure with
 C{failure.check(UnauthorizedLogin)}.
 """
 
+import math
+
 from twisted.cred.error import UnauthorizedLogin
 from twisted.python.failure import Failure
 from twisted.spread import jelly, pb
