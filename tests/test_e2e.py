@@ -454,7 +454,10 @@ def test_watch_kicked_by_a_newer_login_exits_7(serve, alicePassword, tmp_path):
         assert watch.process.wait(STOP_TIMEOUT) == 7
     finally:
         stop(watch.process)
-    kicked = re.compile(r"kicked: replaced by a newer login of alice from 127\.0\.0\.1:\d+")
+    kicked = re.compile(
+        r"kicked: alice's session \d+ from 127\.0\.0\.1:\d+ "
+        r"was replaced by a newer login from 127\.0\.0\.1:\d+"
+    )
     (line,) = watch.lines()
     assert kicked.fullmatch(line), line
     connected, last = watch.errors()

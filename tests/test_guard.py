@@ -12,10 +12,11 @@ import pytest
 import pytest_twisted
 from conftest import eventually
 from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol, task
 from twisted.spread import pb
 
-from pbrealms.errors import BadCredentials, TooManyConnections, localize
+from pbrealms.errors import BadCredentials, SourcePenalised, TooManyConnections, localize
 from pbrealms.guard import SourcePenalties, parseNetworks
 from pbrealms.login import LoginRoot
 from pbrealms.realms import TrackingRealm
@@ -37,6 +38,39 @@ def test_a_source_is_refused_once_its_penalty_reaches_the_threshold():
     assert penalties.penalty("192.0.2.1") == 0  # drained: allowed again
     penalties.failed("192.0.2.1")
     assert penalties.penalty("192.0.2.1") == 0  # and starting from nothing
+
+
+def test_three_quick_failures_penalise_and_two_do_not():
+    """
+    The README's "three": each failure's 5 s drains while the next is tried,
+    so three failures a moment apart leave less than 15 s; they penalise
+    all the same, and the penalty drains in real time.
+    """
+    clock = task.Clock()
+    penalties = SourcePenalties(clock)  # the defaults: 5 s each, 15 s
+    penalties.failed("192.0.2.1")
+    clock.advance(0.4)
+    penalties.failed("192.0.2.1")
+    clock.advance(0.4)
+    assert penalties.penalty("192.0.2.1") == 0  # two: not yet
+    penalties.failed("192.0.2.1")
+    assert penalties.penalty("192.0.2.1") == pytest.approx(14.2)
+    clock.advance(14.1)
+    assert penalties.penalty("192.0.2.1") == pytest.approx(0.1)
+    clock.advance(0.1)
+    assert penalties.penalty("192.0.2.1") == 0  # drained: allowed again
+    penalties.failed("192.0.2.1")
+    assert penalties.penalty("192.0.2.1") == 0  # and starting from nothing
+
+
+@pytest.mark.parametrize(("spacing", "penalised"), [(2.45, True), (2.5, False), (3, False)])
+def test_three_failures_penalise_within_5_s(spacing, penalised):
+    clock = task.Clock()
+    penalties = SourcePenalties(clock)
+    for n in range(3):
+        clock.advance(spacing if n else 0)
+        penalties.failed("192.0.2.1")
+    assert bool(penalties.penalty("192.0.2.1")) is penalised
 
 
 def test_failures_spread_out_in_time_never_add_up():
@@ -132,22 +166,31 @@ async def test_a_penalised_source_is_refused_and_others_are_not(guarded, reactor
     assert penalties.penalty("127.0.0.4") == 15
     attacker.disconnect()
 
-    # A new connection from the attacker is closed as it is accepted.
-    lost: defer.Deferred = defer.Deferred()
-
-    class Probe(protocol.Protocol):
-        def connectionLost(self, reason):
-            lost.callback(self.received)
-
-        received = b""
-
-        def dataReceived(self, data):
-            self.received += data
-
-    await protocol.ClientCreator(reactor, Probe).connectTCP(
-        "127.0.0.1", served.port.getHost().port, bindAddress=("127.0.0.4", 0)
+    # A new connection from the attacker is told why at its login, with the
+    # right password too, as an UnauthorizedLogin, and closed.
+    refused = connectFrom(reactor, served, "127.0.0.4")
+    failures: list = []
+    await refused.login(UsernamePassword(b"alice", b"wonderland")).addErrback(failures.append)
+    (failure,) = failures
+    assert failure.check(UnauthorizedLogin)
+    assert failure.getErrorMessage() == (
+        "too many failed logins from this address: try again in 15 s"
     )
-    assert await lost == b""  # not even PB's greeting
+    assert localize(failure).check(SourcePenalised)
+    await eventually(reactor, lambda: served.factory.made[-1].disconnected)
+    assert served.registry.countOf("alice") == 0
+    # A line per failure and one for the penalty; none for the refused
+    # connection.
+    guesser = f"127.0.0.4:{served.factory.made[0].transport.getPeer().port}"
+    refusal = (
+        f"login refused for 'alice' from {guesser} (realm tracking): wrong user name or password"
+    )
+    assert [m for m in log.messages() if "127.0.0.4" in m] == [
+        refusal,
+        refusal,
+        "refusing logins from 127.0.0.4 for 15 s: too many failed logins",
+        refusal,
+    ]
 
     # Someone else is served meanwhile.
     canary = connectFrom(reactor, served, "127.0.0.5")
@@ -162,7 +205,6 @@ async def test_a_penalised_source_is_refused_and_others_are_not(guarded, reactor
     assert await perspective.callRemote("greet") == "<2>hello alice"
     again.disconnect()
     await served.settled()
-    assert any("refusing connections from 127.0.0.4 for 15 s" in m for m in log.messages())
 
 
 @pytest_twisted.ensureDeferred
@@ -326,8 +368,6 @@ def test_ipv4_clients_of_a_dual_stack_socket_are_seen_as_ipv4():
 
 @pytest_twisted.ensureDeferred
 async def test_a_refused_client_hears_so_at_once(guarded, reactor):
-    from twisted.internet import error
-
     from pbrealms.client import connect
 
     serve, _, penalties = guarded
@@ -335,6 +375,8 @@ async def test_a_refused_client_hears_so_at_once(guarded, reactor):
     for _ in range(3):
         penalties.failed("127.0.0.1")
     started = reactor.seconds()
-    with pytest.raises(error.ConnectError, match="closed the connection"):
+    with pytest.raises(
+        SourcePenalised, match=r"^too many failed logins from this address: try again in 15 s$"
+    ):
         await connect(reactor, served.endpoint, "alice", "wonderland", timeout=5)
     assert reactor.seconds() - started < 1

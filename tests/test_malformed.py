@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import pytest_twisted
-from conftest import USERS, eventually
+from conftest import USERS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.cred.credentials import UsernamePassword
@@ -613,7 +613,7 @@ async def test_errors_carry_no_frames_paths_or_python_version(harness, reactor, 
         assert not (state.get("tb") or state.get("frames") or state.get("stack"))
         states[state["type"].decode()] = state
     messages = {kind: state["value"] for kind, state in states.items()}
-    assert messages.pop("pbrealms.errors.BadArguments").startswith("login: ")
+    assert messages.pop("pbrealms.errors.BadArguments").startswith("login takes ")
     assert messages == {
         "pbrealms.errors.BadCredentials": "wrong user name or password",
         "pbrealms.errors.UnknownMethod": "no such method: 'nothingHere'",
@@ -725,28 +725,38 @@ async def test_a_client_object_whose_id_is_not_an_integer_is_refused(
 
 
 @pytest.mark.parametrize(
-    ("answer", "closed"),
+    ("answer", "complaint"),
     [
-        (lambda call: [b"answer", call[1], [b"None"]], False),
-        (lambda call: [b"error", call[1], PY3_FAILURE], False),
-        (lambda call: [b"error", call[1], PY2_FAILURE], False),
-        # The server cannot decode these: the connection closes, which fails
-        # what waited for them.
-        (lambda call: [b"answer", call[1], [b"module", b"os"]], True),
-        (lambda call: [b"answer", call[1], [b"unicode", b"\xff"]], True),
-        (lambda call: [b"error", call[1], failure((unicode("type"), b"x"))], True),
-        (lambda call: [b"error", call[1], failure((unicode("parents"), [b"remote", 1]))], True),
-        (lambda call: [b"error", call[1], [b"None"]], True),
+        (lambda call: [b"answer", call[1], [b"None"]], None),
+        (lambda call: [b"error", call[1], PY3_FAILURE], "no"),
+        (lambda call: [b"error", call[1], PY2_FAILURE], "no"),
+        # The server cannot decode these: each fails its own push, with a
+        # typed error, and the connection stays.
+        (lambda call: [b"answer", call[1], [b"module", b"os"]],
+         "an answer of a type the server refuses (module)"),
+        (lambda call: [b"answer", call[1], [b"unicode", b"\xff"]],
+         "an answer that cannot be decoded (UnicodeDecodeError: "),
+        (lambda call: [b"error", call[1], failure((unicode("type"), b"x"))],
+         "an error that is not a failure"),
+        (lambda call: [b"error", call[1], failure((unicode("parents"), [b"remote", 1]))],
+         "an error that is not a failure"),
+        (lambda call: [b"error", call[1], [b"None"]], "an error that is not a failure"),
+        # Stock PB sends a Copyable error as itself.
+        (lambda call: [b"error", call[1], [b"mod.Error", [b"dictionary"]]],
+         "an error of a type the server refuses (Module mod not allowed (in type mod.Error).)"),
+        (lambda call: [b"answer", call[1], [b"mod.Thing", [b"dictionary"]]],
+         "an answer of a type the server refuses (Module mod not allowed (in type mod.Thing).)"),
     ],
-)
+)  # fmt: skip
 @pytest_twisted.ensureDeferred
 async def test_the_count_of_unanswered_pushes_comes_down_whatever_the_answer(
-    harness, reactor, raw, log, unraisable, answer, closed
+    harness, reactor, raw, log, unraisable, answer, complaint
 ):
     """
     A session answering each push in its own way: the count of its pushes
-    awaiting an answer is back to 0 once each is answered (or its connection
-    closed), so that it is told everything, past the cap of unanswered ones.
+    awaiting an answer is back to 0 once each is answered, so that it is
+    told everything, past the cap of unanswered ones; its connection stays,
+    and an error, or an answer that does not decode, is logged once.
     """
     from pbrealms.push import MAX_UNANSWERED
 
@@ -756,20 +766,25 @@ async def test_the_count_of_unanswered_pushes_comes_down_whatever_the_answer(
     assert (await hostile.login("alice", mind=[b"remote", 1]))[0] == b"answer"
     session = sessionOf(served, "alice", hostile)
     other = await served.login("alice", mind=Mind())
-    greetings = MAX_UNANSWERED + 6 if not closed else 3
+    greetings = MAX_UNANSWERED + 6
     for _ in range(greetings):
         await other.callRemote("greet")
-    if closed:
-        await hostile.closed()
-        assert len(closes(log)) == 1
-        await eventually(reactor, lambda: session.closed)
-    else:
-        await hostile.sentinel()
-        pushes = [call for call in hostile.received if call[0] == b"message"]
-        # Told of the other's opening, then of each greeting.
-        assert len(pushes) == 1 + greetings
-        assert not closes(log)
+    await hostile.sentinel()
+    pushes = [call for call in hostile.received if call[0] == b"message"]
+    # Told of the other's opening, then of each greeting.
+    assert len(pushes) == 1 + greetings
+    assert not closes(log)
+    assert not hostile.isClosed and session.active
     assert session.unanswered == 0
+    complaints = [m for m in messages(log) if "client answered" in m]
+    if complaint is None:
+        assert not complaints
+    else:
+        [line] = complaints
+        assert line.startswith(
+            "client answered notifySessionOpened with an error, and is not logged again: "
+        )
+        assert complaint in line, line
     noTracebacks(log, unraisable)
 
 

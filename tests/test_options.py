@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import resource
+import stat
+from importlib.metadata import version as distributionVersion
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from twisted.application import internet, service
 from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
 from twisted.logger import LogLevel
 
+import twisted
 from pbrealms.checkers import PasswordFile
 from pbrealms.login import LoginRoot
 from pbrealms.realms import REALMS
-from pbrealms.tap import TCP_BACKLOG, Options, makeService, withBacklog
+from pbrealms.tap import TCP_BACKLOG, Options, makeService, withBacklog, withSocketMode
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 PREFIX = "twistd pbrealms: error: "
@@ -246,12 +252,12 @@ def test_passwd_private_no_warning(capsys, tmp_path, log):
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--max-auth-tries", "0"], "--max-auth-tries must be a number above 0"),
+        (["--max-auth-tries", "0"], "--max-auth-tries must be a whole number above 0"),
         (["--max-auth-tries", "2.5"], "--max-auth-tries"),
         (["--login-timeout", "-1"], "--login-timeout must be a number above 0"),
         (["--login-timeout", "soon"], "--login-timeout"),
         (["--penalty-exempt", "10.0.0.0/8,nope"], "--penalty-exempt: 'nope'"),
-        (["--max-message-size", "0"], "--max-message-size must be a number above 0"),
+        (["--max-message-size", "0"], "--max-message-size must be a whole number above 0"),
         (["--max-depth", "deep"], "--max-depth"),
         (["--max-connections", "-5"], "--max-connections"),
         (["--max-unauthenticated-per-source", "0"], "--max-unauthenticated-per-source"),
@@ -540,10 +546,30 @@ def test_an_unknown_policy_is_refused(capsys):
     )
 
 
-@pytest.mark.parametrize("realm", ["cache", "clock", "sessions"])
-def test_replacing_needs_a_limit(capsys, realm):
+def test_replacing_in_sessions_needs_a_limit(capsys):
+    line = refused(capsys, "--realm=sessions", "--when-full=replace-oldest")
+    assert (
+        line == "--when-full=replace-oldest needs --max: --realm=sessions has no limit without it"
+    )
+
+
+@pytest.mark.parametrize("realm", ["cache", "clock"])
+def test_replacing_needs_a_limiting_realm(capsys, realm):
     line = refused(capsys, "--realm", realm, "--when-full=replace-oldest")
-    assert line.startswith("--when-full=replace-oldest needs --max")
+    assert line == (
+        f"--when-full=replace-oldest applies to --realm=limited or --realm=sessions only, "
+        f"not {realm!r}"
+    )
+
+
+@pytest.mark.parametrize("policy", ["replace-oldest", "replace-stale"])
+def test_limited_replaces_at_its_default_max_of_1(capsys, policy):
+    # The README's contract: limited always has a limit, so a replacing
+    # policy needs no --max there.
+    options = parse(capsys, "--realm=limited", "--when-full", policy, "--port", LOOPBACK)
+    assert (options["max"], options["when-full"]) == (1, policy)
+    registry = makeService(options).getServiceNamed("pb-listener").factory.root.registry
+    assert (registry.maxPerUser, registry.whenFull) == (1, policy)
 
 
 def test_policy_from_the_environment(capsys, monkeypatch):
@@ -580,3 +606,248 @@ def test_a_bad_keepalive_is_refused(capsys, value):
 def test_a_bad_ping_timeout_is_refused(capsys, value):
     line = refused(capsys, "--ping-timeout", value)
     assert line == f"--ping-timeout must be a number above 0, not {value!r}"
+
+
+# Help, --version, the environment
+
+
+def optionBlocks(text: str) -> dict[str, str]:
+    """
+    The help of each option in C{--help}'s text, by option, in one line.
+    """
+    blocks: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        found = re.match(r"\s+(?:-\w, )?--([\w-]+)=?\s", line)
+        if found:
+            name = found.group(1)
+            blocks[name] = ""
+        if name is not None:
+            blocks[name] += " " + line.strip()
+    return blocks
+
+
+def test_help_gives_each_default_once():
+    blocks = optionBlocks(str(Options()))
+    assert "penalty-exempt" in blocks and "max" in blocks
+    for name, text in blocks.items():
+        assert text.count("[default:") <= 1, (name, text)
+        assert "[default: ]" not in text, (name, text)
+    assert blocks["penalty-exempt"].endswith("[default: none]")
+
+
+def test_version_names_pbrealms_and_twisted(capsys):
+    with pytest.raises(SystemExit) as exc:
+        Options().parseOptions(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == (
+        f"pbrealms {distributionVersion('pbrealms')} (Twisted {twisted.__version__})\n"
+    )
+
+
+#: For every setting, a value it refuses, and what else it needs to be
+#: checked at all.
+BAD_SETTINGS = {
+    "realm": ("nope", {}),
+    "max": ("x", {"PBREALMS_REALM": "limited"}),
+    "when-full": ("kick", {}),
+    "ping-timeout": ("x", {}),
+    "keepalive": ("x", {}),
+    "passwd": ("/nonexistent/users", {}),
+    "auth": ("bogus", {}),
+    "port": ("tcp:x", {}),
+    "period": ("x", {"PBREALMS_REALM": "clock"}),
+    "shutdown-grace": ("x", {}),
+    "max-message-size": ("x", {}),
+    "max-depth": ("x", {}),
+    "max-unfinished-bytes": ("x", {}),
+    "max-connections": ("x", {}),
+    "max-unauthenticated-per-source": ("x", {}),
+    "max-auth-tries": ("x", {}),
+    "login-timeout": ("x", {}),
+    "penalty-exempt": ("nope", {}),
+    "metrics": ("tcp:x", {}),
+}
+
+
+def test_every_setting_is_tried_from_the_environment():
+    # The help promises every option that takes a value, --auth included.
+    settings = {name for name, _, _, _ in Options.optParameters} | {"auth"}
+    assert set(BAD_SETTINGS) == settings
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SETTINGS))
+def test_a_bad_environment_value_is_refused_naming_its_variable(capsys, monkeypatch, name):
+    value, others = BAD_SETTINGS[name]
+    variable = "PBREALMS_" + name.upper().replace("-", "_")
+    for key, other in {**others, variable: value}.items():
+        monkeypatch.setenv(key, other)
+    line = refused(capsys)
+    assert variable in line
+    assert "--" + name not in line
+    assert repr(value) in line or value in line
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SETTINGS))
+def test_the_command_line_names_its_option(capsys, monkeypatch, name):
+    value, others = BAD_SETTINGS[name]
+    for key, other in others.items():
+        monkeypatch.setenv(key, other)
+    line = refused(capsys, f"--{name}={value}")
+    assert "PBREALMS_" not in line
+    assert value in line
+
+
+def test_the_command_line_wins_over_the_environment(capsys, monkeypatch):
+    monkeypatch.setenv("PBREALMS_REALM", "limited")
+    monkeypatch.setenv("PBREALMS_MAX", "x")
+    assert parse(capsys, "--max", "3")["max"] == 3
+
+
+def test_auth_from_the_environment(capsys, monkeypatch, tmp_path):
+    path = writePasswd(tmp_path / "users", "alice:wonderland\n")
+    monkeypatch.setenv("PBREALMS_AUTH", f"file:{path}")
+    options = parse(capsys)
+    assert not isinstance(options["checker"], PasswordFile)
+    assert options["demo"] is False
+    assert checks(options["checker"], b"alice", b"wonderland")
+
+
+def test_auth_from_the_environment_is_checked_as_on_the_command_line(capsys, monkeypatch, tmp_path):
+    path = writePasswd(tmp_path / "users", "alice:wonder:land\n")
+    monkeypatch.setenv("PBREALMS_AUTH", f"file:{path}")
+    line = refused(capsys)
+    assert line.startswith(f"PBREALMS_AUTH file:{path}: the password of 'alice' has a ':'")
+
+
+def test_a_password_source_on_the_command_line_overrides_the_environment(
+    capsys, monkeypatch, tmp_path
+):
+    users = writePasswd(tmp_path / "users", "alice:wonderland\n")
+    others = writePasswd(tmp_path / "others", "carol:secret\n")
+    # A container image sets PBREALMS_PASSWD; --auth on its command line replaces it.
+    monkeypatch.setenv("PBREALMS_PASSWD", str(users))
+    options = parse(capsys, "--auth", f"file:{others}")
+    assert not isinstance(options["checker"], PasswordFile)
+    assert checks(options["checker"], b"carol", b"secret")
+    monkeypatch.delenv("PBREALMS_PASSWD")
+    monkeypatch.setenv("PBREALMS_AUTH", f"file:{users}")
+    options = parse(capsys, "--passwd", str(others))
+    assert isinstance(options["checker"], PasswordFile)
+    assert options["checker"].users == ["carol"]
+
+
+def test_two_password_sources_in_the_environment(capsys, monkeypatch, tmp_path):
+    path = writePasswd(tmp_path / "users", "alice:wonderland\n")
+    monkeypatch.setenv("PBREALMS_PASSWD", str(path))
+    monkeypatch.setenv("PBREALMS_AUTH", f"file:{path}")
+    assert refused(capsys) == "give PBREALMS_PASSWD or PBREALMS_AUTH, not both"
+
+
+def test_an_empty_variable_is_unset(capsys, monkeypatch):
+    monkeypatch.setenv("PBREALMS_PASSWD", "")
+    monkeypatch.setenv("PBREALMS_AUTH", "")
+    assert parse(capsys)["demo"] is True
+
+
+def test_max_connections_that_cannot_fit_names_its_variable(capsys, monkeypatch):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard file descriptor limit")
+    monkeypatch.setenv("PBREALMS_MAX_CONNECTIONS", str(hard + 1))
+    try:
+        line = refused(capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert line.startswith(f"PBREALMS_MAX_CONNECTIONS={hard + 1} does not fit")
+    assert line.endswith("or lower PBREALMS_MAX_CONNECTIONS")
+
+
+# Type errors, stray arguments and abbreviations
+
+
+@pytest.mark.parametrize(
+    ("port", "reason"),
+    [
+        ("tcp:notaport", "'notaport' is not a whole number; expected e.g. tcp:8787:"),
+        ("tcp:", "'' is not a whole number; expected e.g. tcp:8787:"),
+        ("tcp:0:bogus=1", "tcp: has no parameter 'bogus'; expected e.g. tcp:8787:"),
+        ("tcp:0:1:2:3:4", "too many fields for tcp:; expected e.g. tcp:8787:"),
+        ("unix:/tmp/x:mode=abc", "'abc' is not an octal number"),
+        ("tcp:65536:interface=127.0.0.1", "the port must be from 0 to 65535, not 65536"),
+        ("nope:1", "unknown endpoint type 'nope'"),
+    ],
+)
+def test_an_endpoint_error_says_what_is_expected(capsys, port, reason):
+    line = refused(capsys, "--port", port)
+    assert line.startswith(f"bad --port {port!r}: {reason}")
+    for raw in ("invalid literal", "positional argument", "keyword argument", "_parse"):
+        assert raw not in line
+
+
+def test_a_metrics_endpoint_error_names_metrics(capsys):
+    line = refused(capsys, "--metrics", "tcp:x")
+    assert line.startswith("bad --metrics 'tcp:x': 'x' is not a whole number")
+
+
+@pytest.mark.parametrize("words", [["extra"], ["extra", "words"]])
+def test_stray_arguments(capsys, words):
+    line = refused(capsys, *words)
+    assert line == (
+        f"unexpected argument {words[0]!r}: twistd pbrealms takes only options "
+        "(see twistd pbrealms --help)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "whole"),
+    [
+        (["--pass", "x"], "--passwd"),
+        (["--pass=x"], "--passwd"),
+        (["--max-conn", "5"], "--max-connections"),
+        (["--max-conn=5"], "--max-connections"),
+        (["--shutdown", "1"], "--shutdown-grace"),
+    ],
+)
+def test_a_prefix_of_an_option_is_refused(capsys, args, whole):
+    line = refused(capsys, *args)
+    assert line.startswith(f"{args[0].partition('=')[0]}: give the whole option name (")
+    assert whole in line
+
+
+# UNIX sockets
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("unix:/run/x.sock", "unix:/run/x.sock:mode=660"),
+        ("unix:/run/x.sock:mode=600", "unix:/run/x.sock:mode=600"),
+        (r"unix:/run/a\:mode=1", r"unix:/run/a\:mode=1:mode=660"),
+        ("tcp:8787", "tcp:8787"),
+    ],
+)
+def test_withSocketMode(given, expected):
+    assert withSocketMode(given) == expected
+
+
+def socketMode(path: Path) -> int:
+    info = path.stat()
+    assert stat.S_ISSOCK(info.st_mode)
+    return stat.S_IMODE(info.st_mode)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "mode"), [("", 0o660), (":mode=600", 0o600), (":mode=666", 0o666), (":640", 0o640)]
+)
+@pytest_twisted.ensureDeferred
+async def test_unix_sockets_are_for_their_owner_and_group(capsys, tmp_path, suffix, mode):
+    pb, metrics = tmp_path / "pb.sock", tmp_path / "metrics.sock"
+    options = parse(capsys, "--port", f"unix:{pb}{suffix}", "--metrics", f"unix:{metrics}{suffix}")
+    server = makeService(options)
+    server.privilegedStartService()
+    server.startService()
+    try:
+        assert (socketMode(pb), socketMode(metrics)) == (mode, mode)
+    finally:
+        await server.stopService()

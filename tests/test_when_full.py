@@ -6,6 +6,7 @@ per-user limit while logins, replacements and disconnects race.
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import pytest_twisted
@@ -56,6 +57,13 @@ def idOf(served, conn) -> int:
     return session.id
 
 
+def peerOf(conn) -> str:
+    """
+    The address the server sees C{conn} come from.
+    """
+    return f"127.0.0.1:{conn.perspective.broker.transport.getHost().port}"
+
+
 def silence(conn) -> None:
     """
     Make a client stop answering: it reads nothing more, as behind a dead NAT.
@@ -86,12 +94,17 @@ async def test_replace_oldest_tells_and_ends_the_oldest_before_admitting(
     oldMind, middleMind = RecordingMind(), RecordingMind()
     old = await served.login("alice", mind=oldMind)
     middle = await served.login("alice", mind=middleMind)
-    oldId = idOf(served, old)
+    oldId, oldPeer = idOf(served, old), peerOf(old)
     new = await served.login("alice")
-    newId = idOf(served, new)
+    newId, newPeer = idOf(served, new), peerOf(new)
 
-    (reason,) = oldMind.of("kicked")
-    assert reason.startswith("replaced by a newer login of alice from 127.0.0.1:")
+    # Both addresses, each named for what it is: the kicked session's and
+    # the newcomer's.
+    assert oldPeer != newPeer
+    replaced = (
+        f"alice's session {oldId} from {oldPeer} was replaced by a newer login from {newPeer}"
+    )
+    assert oldMind.of("kicked") == [replaced]
     # The old session ended (its logout ran) before the new one opened.
     assert events.seen.index(("closed", oldId, "was replaced by a newer login")) < (
         events.seen.index(("opened", newId))
@@ -105,9 +118,12 @@ async def test_replace_oldest_tells_and_ends_the_oldest_before_admitting(
     assert served.registry.countOf("alice") == 2
     assert events.closes(oldId) == ["was replaced by a newer login"]
     assert served.registry.metrics.dropped.labels("replaced")._value.get() == 1
-    assert any(
-        m.startswith("alice was replaced by a newer login from 127.0.0.1:") for m in log.messages()
-    )
+    lines = [m for m in log.messages() if "replaced" in m]
+    assert len(lines) == 1
+    assert re.fullmatch(re.escape(replaced) + rf" after \d+\.\d s \(realm {realm}\)", lines[0])
+    # And as fields, for the JSON lines logger.
+    (event,) = [e for e in log if "successor" in e]
+    assert (event["peer"], event["successor"], event["session"]) == (oldPeer, newPeer, oldId)
 
 
 @pytest_twisted.ensureDeferred

@@ -113,8 +113,8 @@ def test_an_oversized_message_is_refused_before_it_is_whole():
     big = header(600_000, b"\x82")
     [line] = refused(header(2, b"\x80") + big + b"x" * 600_000 + big + b"x" * 1000)
     assert line == (
-        f"closed the connection from 192.0.2.7:4242: a message larger than "
-        f"{MAX_MESSAGE_BYTES} bytes"
+        f"closed the connection from 192.0.2.7:4242: a message that would cost more than "
+        f"{MAX_MESSAGE_BYTES} bytes of memory once decoded (--max-message-size)"
     )
 
 
@@ -122,7 +122,7 @@ def test_many_small_items_add_up_to_the_limit():
     count = MAX_MESSAGE_BYTES // 2 + 10
     data = header(count, b"\x80") + b"\x01\x81" * count
     [line] = refused(data)
-    assert f"larger than {MAX_MESSAGE_BYTES} bytes" in line
+    assert f"cost more than {MAX_MESSAGE_BYTES} bytes of memory" in line
 
 
 def test_the_limit_is_per_message():
@@ -323,7 +323,7 @@ def test_a_never_ending_message_costs_the_server_no_memory(tmp_path, passwd):
         assert grown < 20 * 1024 * 1024, f"the server grew by {grown} bytes"
         log = output.read_text()
         assert log.count("closed the connection from 127.0.0.1") == 1
-        assert f"a message larger than {MAX_MESSAGE_BYTES} bytes" in log
+        assert f"a message that would cost more than {MAX_MESSAGE_BYTES} bytes" in log
         assert "Traceback" not in log
         client = subprocess.run(
             [str(Path(sys.executable).parent / "pbrealms-client"), "--connect",
@@ -409,7 +409,9 @@ def test_the_factory_sets_each_brokers_limits(harness, log):
         broker.connectionLost(protocol.connectionDone)
     closes = [m for m in log.messages() if "closed the connection" in m]
     assert closes[0].endswith("a message nested deeper than 3 lists")
-    assert closes[1].endswith("a message larger than 1000 bytes")
+    assert closes[1].endswith(
+        "a message that would cost more than 1000 bytes of memory once decoded (--max-message-size)"
+    )
 
 
 @pytest.mark.parametrize(

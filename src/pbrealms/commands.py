@@ -8,7 +8,9 @@ in the log, once per message; a reference without an id leaves a half-built
 L{pb.RemoteReference} whose finaliser fails; a client object whose id is not
 an integer cannot be hashed, which breaks every push to it.  The checks here
 name what is wrong in a few words, and L{wire.LimitedBroker} closes the
-connection with that as its one log line.
+connection with that as its one log line.  (An answer or an error that has
+PB's shape but does not decode is not a shape problem: it fails the one call
+it answers.)
 
 Each check returns the problem, or L{None} if there is none.  They look at
 types only, never at values beyond their type, so that what they say quotes
@@ -187,21 +189,42 @@ def checkJelly(expression: object) -> str | None:
     return None
 
 
-def checkFailure(expression: object) -> str | None:
+def isFailure(expression: object) -> bool:
     """
-    Check the shape of the failure of an C{error} command: PB's failure
-    tag and a dictionary of its state.
+    Whether C{expression} (checked by L{checkJelly}) is jellied as PB jellies
+    a failure: its tag and a dictionary of its state.
     """
+    return (
+        type(expression) is list
+        and len(expression) == 2
+        and expression[0] == FAILURE
+        and type(expression[1]) is list
+        and bool(expression[1])
+        and expression[1][0] == b"dictionary"
+    )
+
+
+def unfinishedRequest(listStack: list) -> int | None:
+    """
+    The request id of the call whose decoding stopped midway, with the
+    lists Banana has open (C{listStack}, the outermost first), if enough of
+    it was decoded to say that it is a C{message} that wants an answer.
+    """
+    if not listStack:
+        return None
+    fields = listStack[0][1]
+    if len(fields) < 5 or fields[0] != b"message":
+        return None
+    requestID, objectID, method, answerRequired = fields[1:5]
     if (
-        type(expression) is not list
-        or len(expression) != 2
-        or expression[0] != FAILURE
-        or type(expression[1]) is not list
-        or not expression[1]
-        or expression[1][0] != b"dictionary"
+        type(requestID) is not int
+        or type(objectID) not in (int, bytes)
+        or type(method) is not bytes
+        or type(answerRequired) is not int
+        or not answerRequired
     ):
-        return "an error that is not a failure"
-    return checkJelly(expression[1])
+        return None
+    return requestID
 
 
 def receivedFailure(state: object) -> Failure | None:

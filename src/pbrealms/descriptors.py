@@ -51,7 +51,7 @@ def overhead(inUse: int) -> int:
     return inUse + DESCRIPTOR_RESERVE + MAKING_ROOM
 
 
-def fitConnections(requested: int | None) -> int:
+def fitConnections(requested: int | None, setting: str = "--max-connections") -> int:
     """
     Raise the soft C{RLIMIT_NOFILE} toward the hard limit, as far as
     C{requested} connections (or L{DEFAULT_MAX_CONNECTIONS}) need and no
@@ -61,6 +61,8 @@ def fitConnections(requested: int | None) -> int:
     operator asked for it, and running with fewer would break that promise
     silently.  The default is lowered to what fits, with one warning line.
 
+    @param setting: what set C{requested}, for the error: the option or
+        its environment variable.
     @raise usage.UsageError: C{requested} does not fit, or not even one
         connection does; the message is one line naming the numbers.
     """
@@ -89,9 +91,9 @@ def fitConnections(requested: int | None) -> int:
     )
     if requested is not None or room < 1:
         raise usage.UsageError(
-            f"--max-connections={wanted} does not fit: {held}, which leaves room for "
+            f"{setting}={wanted} does not fit: {held}, which leaves room for "
             f"{max(room, 0)}; raise the limit (LimitNOFILE=, ulimit -n) or lower "
-            "--max-connections"
+            f"{setting}"
         )
     _log.warn(
         "allowing {room} PB connections, not {wanted}: {held}; raise the limit "

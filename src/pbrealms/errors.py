@@ -8,6 +8,7 @@ Twisted can still tell a refusal from a failure with
 C{failure.check(UnauthorizedLogin)}.
 """
 
+import inspect
 import math
 
 from twisted.cred.error import UnauthorizedLogin
@@ -176,6 +177,45 @@ class BadArguments(pb.Error):
     """
 
 
+class UndecodableAnswer(pb.Error):
+    """
+    The peer answered a call with a value or an error that this side cannot
+    decode: of a type its jelly options refuse (a L{pb.Copyable}), not valid
+    UTF-8, or an error that is not a failure.  Only that call fails, with
+    this; the connection stays.
+    """
+
+
+class MessageTooLarge(pb.Error):
+    """
+    A message would have cost the server more memory once decoded than
+    C{--max-message-size} allows.  The server answers the call with this (if
+    it had decoded the call's request id) and closes the connection, whose
+    stream it cannot resume mid-message.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the message would cost more than {limit} bytes of the server's memory once "
+            "decoded (its --max-message-size); the server closes the connection"
+        )
+        self.limit = limit
+
+
+class PagingRefused(pb.Error):
+    """
+    PB paging (L{twisted.spread.util.Pager}) is not served: its pages would
+    take the transport's producer, which the broker holds for its own write
+    backpressure.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "PB paging (twisted.spread.util.Pager) is not supported by this server: "
+            "send the data as the answers of several calls instead"
+        )
+
+
 def dispatch(
     broker: pb.Broker,
     target: object,
@@ -216,11 +256,61 @@ def dispatch(
         # Raised by the call itself (not from inside the method): the
         # arguments do not fit the signature.
         if e.__traceback__ is not None and e.__traceback__.tb_next is None:
-            # The text names the client's keywords, which may be huge.
-            detail = str(e).partition("() ")[2] or str(e)
-            raise BadArguments(f"{message}: {printable(detail)}") from None
+            raise BadArguments(f"{message} {_misfit(method, len(bound), args, kw, e)}") from None
         raise
     return broker.serialize(result, perspective)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _misfit(method: object, hidden: int, args: list | tuple, kw: dict, error: TypeError) -> str:
+    """
+    Why C{args} and C{kw} do not fit C{method}, counted as the client sees
+    the method: Python's own text counts C{self} and the C{hidden}
+    parameters that L{dispatch} passes first (C{bound}), which the client
+    never passes.  Keywords are named only in part: a client's may be huge.
+    """
+    try:
+        parameters = list(inspect.signature(method).parameters.values())[hidden:]
+    except (TypeError, ValueError):
+        return printable(str(error).partition("() ")[2] or str(error))
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in parameters)
+    if len(args) > len(positional) and not varargs:
+        required = sum(p.default is p.empty for p in positional)
+        if not parameters:
+            takes = "no arguments"
+        elif not positional:
+            takes = "no positional arguments"
+        elif required < len(positional):
+            takes = f"from {required} to {len(positional)} positional arguments"
+        else:
+            takes = _plural(len(positional), "positional argument")
+        given = "1 was given" if len(args) == 1 else f"{len(args)} were given"
+        return f"takes {takes} but {given}"
+    names = {p.name for p in parameters if p.kind is not p.POSITIONAL_ONLY}
+    varkw = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    for name in kw:
+        if name not in names and not varkw:
+            return f"got an unexpected keyword argument {printable(name, 64)!r}"
+    for p in positional[: len(args)]:
+        if p.name in kw:
+            return f"got multiple values for argument {p.name!r}"
+    missing = [
+        p.name
+        for i, p in enumerate(parameters)
+        if p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and not (i < len(args) and p in positional)
+        and p.name not in kw
+    ]
+    if missing:
+        return f"is missing {_plural(len(missing), 'required argument')}: " + ", ".join(
+            repr(name) for name in missing
+        )
+    return printable(str(error).partition("() ")[2] or str(error))
 
 
 # Most specific first: Failure.check answers with the first class that matches.
@@ -239,6 +329,9 @@ _WIRE_ERRORS: tuple[type[pb.Error], ...] = (
     SessionEnded,
     UnknownMethod,
     BadArguments,
+    UndecodableAnswer,
+    MessageTooLarge,
+    PagingRefused,
 )
 
 

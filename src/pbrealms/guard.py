@@ -3,13 +3,16 @@ Penalties for sources that fail to log in, in the spirit of OpenSSH's
 C{PerSourcePenalties}.
 
 Each failed login from an address adds to that address's penalty, which
-drains in real time; while the penalty is at least the threshold, new
-connections from the address are refused as they are accepted.
+drains in real time.  Once the failures not yet drained reach the threshold,
+the address is penalised until its penalty has drained: its new connections
+are told so at their first login (L{pbrealms.errors.SourcePenalised}) and
+closed.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Iterable
 
 from twisted.internet.interfaces import IReactorTime
@@ -41,7 +44,11 @@ class SourcePenalties:
     The penalties of the addresses that failed to log in.
 
     @ivar perFailure: seconds of penalty each failed login adds.
-    @ivar threshold: the penalty from which new connections are refused.
+    @ivar threshold: the penalty from which the address is refused, counting
+        every failure not yet wholly drained in full: with the defaults,
+        any three failures within 5 s reach it.
+        (Counting only what is left would need a fourth failure, since
+        the first ones drain while the next are tried.)
     @ivar maximum: the most penalty an address can accrue.
     @ivar capacity: the most addresses kept; beyond it the oldest go first.
     """
@@ -72,8 +79,9 @@ class SourcePenalties:
 
     def failed(self, host: str) -> None:
         """
-        Count one failed login from C{host}.  Once its penalty reaches the
-        threshold, C{host} is refused until the penalty has drained.
+        Count one failed login from C{host}.  Once the failures not yet
+        drained reach the threshold, C{host} is refused until its penalty has
+        drained; that is logged once, however many failures follow.
         """
         if self.isExempt(host):
             return
@@ -82,10 +90,13 @@ class SourcePenalties:
         if until <= now:
             until, enforced = now, False
         until = min(until + self.perFailure, now + self.maximum)
-        if not enforced and until - now >= self.threshold:
+        # Failures with some of their penalty left, each counted in full (less
+        # a microsecond: rounding must not make two failures at once three).
+        undrained = math.ceil((until - now - 1e-6) / self.perFailure) * self.perFailure
+        if not enforced and undrained >= self.threshold:
             enforced = True
             _log.info(
-                "refusing connections from {host} for {seconds:.0f} s: too many failed logins",
+                "refusing logins from {host} for {seconds:.0f} s: too many failed logins",
                 host=host,
                 seconds=until - now,
             )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from typing import NoReturn
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword
@@ -30,12 +31,14 @@ from pbrealms.addresses import describeAddress, isLocal, sourceOf
 from pbrealms.checkers import UsernamePasswordFrom
 from pbrealms.descriptors import WaitingRoom
 from pbrealms.errors import (
+    AnonymousRefused,
     BadCredentials,
     InsecureLogin,
     LoginFailed,
     LoginRefused,
     ServerBusy,
     SessionEnded,
+    SourcePenalised,
     TooManyConnections,
     dispatch,
     printable,
@@ -57,6 +60,11 @@ MAX_CHALLENGES = 4
 
 #: The longest user name a challenge is handed out for: each holds its name.
 MAX_NAME_BYTES = 256
+
+#: Seconds a connection from a penalised address has to make its first call
+#: (and then to read the refusal) before it is aborted: it can only be turned
+#: away, so it must cost little, however many come.
+PENALISED_TIMEOUT = 5.0
 
 
 def _isPrivate(transport) -> bool:
@@ -125,12 +133,12 @@ class LoginRoot:
 
     def admits(self, host: str) -> bool:
         """
-        Whether a new connection from C{host} may be accepted: its address is
-        not penalised and has fewer than C{maxUnauthenticated} connections
-        that have not logged in.
+        Whether a new connection from C{host} may be accepted: its address has
+        fewer than C{maxUnauthenticated} connections that have not logged in.
+        A penalised address is accepted too, so that its first login can be
+        told why it is refused (see L{_LoginGate.watch}); its connections
+        count against the same limit.
         """
-        if self.penalties is not None and self.penalties.penalty(host):
-            return False
         limit = self.maxUnauthenticated
         return limit is None or self.unauthenticated.get(host, 0) < limit
 
@@ -155,6 +163,10 @@ class _LoginGate(_RemoteObject):
         # Challenges handed out that the client still holds (MAX_CHALLENGES).
         self.challenges = 0
         self._challengesRefused = False
+        self._anonymousRefused = False
+        #: The source address, if it was penalised when this connection came:
+        #: its first call is refused with L{SourcePenalised}.
+        self.penalised: str | None = None
         self._host: str | None = None
         self._timeout = None
         if root.loginTimeout is not None:
@@ -167,6 +179,36 @@ class _LoginGate(_RemoteObject):
         self._host = host
         self.root.unauthenticated[host] = self.root.unauthenticated.get(host, 0) + 1
         self.root.waiting.add(host, self)
+        penalties = self.root.penalties
+        if penalties is not None and penalties.penalty(host):
+            # Accepted only to be told why: a short time to ask, and to read
+            # the answer.  The address's penalty was logged once when it
+            # began; its connections log nothing each, however many come.
+            self.penalised = host
+            self._stopTimer()
+            limit = min(PENALISED_TIMEOUT, self.root.loginTimeout or PENALISED_TIMEOUT)
+            self._timeout = self.root.registry.clock.callLater(limit, self._timedOut)
+
+    def remoteMessageReceived(self, broker, message, args, kw):
+        if self.penalised is not None:
+            self._turnAway()
+        return super().remoteMessageReceived(broker, message, args, kw)
+
+    def _turnAway(self) -> NoReturn:
+        """
+        Answer the first call of a connection from a penalised address with
+        L{SourcePenalised}, act on nothing else it sends, and close it once
+        the answer is written.
+        """
+        ignoreInput = getattr(self.broker, "ignoreInput", None)
+        if ignoreInput is not None:
+            ignoreInput()
+        close = getattr(self.broker, "closeGracefully", self.broker.transport.loseConnection)
+        self.root.registry.clock.callLater(0, close)
+        self.root.registry.metrics.logins.labels("refused").inc()
+        penalties = self.root.penalties
+        left = penalties.penalty(self.penalised) if penalties is not None else 0.0
+        raise SourcePenalised(left)
 
     def _authenticated(self) -> None:
         host, self._host = self._host, None
@@ -231,14 +273,15 @@ class _LoginGate(_RemoteObject):
         self._authenticated()
         self._stopTimer()
 
-    def failed(self) -> None:
+    def failed(self, penalise: bool = True) -> None:
         """
-        Count a failed login: against the source, and against the connection,
-        which is closed once it has had its tries.
+        Count a failed login: against the source (unless not C{penalise}),
+        and against the connection, which is closed once it has had its
+        tries.
         """
         self.failures += 1
         penalties = self.root.penalties
-        if penalties is not None:
+        if penalise and penalties is not None:
             penalties.failed(sourceOf(self.broker.transport.getPeer()))
         limit = self.root.maxAuthTries
         if limit is not None and self.failures == limit and not self.broker.disconnected:
@@ -257,7 +300,12 @@ class _LoginGate(_RemoteObject):
 
     def _timedOut(self) -> None:
         self._timeout = None  # stopped on a login: this one has none
-        if not self.broker.disconnected:
+        if self.broker.disconnected:
+            return
+        if self.penalised is not None:
+            # Turned away or about to be: nothing to log for each of them.
+            self.broker.transport.abortConnection()
+        else:
             _log.info(
                 "closing the connection from {peer}: no login within {seconds:g} s",
                 peer=self.peer,
@@ -302,6 +350,29 @@ class _LoginGate(_RemoteObject):
         # PB calls this once the client has dropped its reference to it.
         self.broker._localCleanup[challenger.processUniqueID()] = challenger.released
         return challenge, challenger
+
+    def remote_loginAnonymous(self, mind: object = None) -> NoReturn:
+        """
+        Refuse an anonymous login (L{twisted.cred.credentials.Anonymous}), as
+        a portal without an anonymous checker does: every session belongs to
+        a user.
+
+        It counts against the connection's C{maxAuthTries}, so that a client
+        cannot ask for ever, but not against its address: no password was
+        guessed.  Logged once per connection.
+        """
+        refusal = AnonymousRefused()
+        self.root.registry.metrics.logins.labels("refused").inc()
+        if not self._anonymousRefused:
+            self._anonymousRefused = True
+            _log.info(
+                "login refused for an anonymous client from {peer} (realm {realm}): {error}",
+                peer=self.peer,
+                realm=self.root.registry.realm,
+                error=str(refusal),
+            )
+        self.failed(penalise=False)
+        raise refusal
 
     def remote_loginPassword(
         self, username: bytes, password: bytes, mind: object

@@ -91,7 +91,7 @@ def refuseAbbreviations(arguments: Sequence[str], shortOpt: str, longOpt: Sequen
     names = {o.rstrip("=") for o in longOpt}
     takesValue = {o[:-1] for o in longOpt if o.endswith("=")}
     shortTakesValue = {
-        c for c, n in zip(shortOpt, shortOpt[1:] + " ", strict=True) if n == ":" and c != ":"
+        c for c, n in zip(shortOpt, (shortOpt + " ")[1:], strict=True) if n == ":" and c != ":"
     }
     i = 0
     while i < len(arguments):

@@ -69,8 +69,10 @@ def push(
     return d
 
 
-# The minds whose errors were logged already.
-_complained: weakref.WeakSet = weakref.WeakSet()
+# The minds whose errors were logged already, by identity: a
+# RemoteReference hashes as its id on its own connection, which every
+# client's mind shares, and comparing two of different connections raises.
+_complained: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
 
 
 def _pushFailed(
@@ -79,8 +81,8 @@ def _pushFailed(
     gone = reason.check(pb.DeadReferenceError, pb.PBConnectionLost, defer.CancelledError)
     if gone and onGone is not None:
         onGone()
-    if not (gone or quiet or mind in _complained):
-        _complained.add(mind)
+    if not (gone or quiet or _complained.get(id(mind)) is mind):
+        _complained[id(mind)] = mind
         _log.warn(
             "client answered {method} with an error, and is not logged again: {error}",
             method=method,

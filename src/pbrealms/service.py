@@ -5,8 +5,11 @@ graceful shutdown.
 
 from __future__ import annotations
 
+import sys
+
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
@@ -38,7 +41,8 @@ class PBServerFactory(pb.PBServerFactory):
     """
     PB's server factory, with brokers that limit what clients may send
     (L{LimitedBroker}), keeping the connections it made so that they can be
-    counted and closed, and refusing connections from penalised sources.
+    counted and closed, and closing those that the login root does not
+    admit as they are accepted (see L{LoginRoot.admits}).
 
     @ivar brokers: the open connections.
     @ivar unfinished: the bytes they hold in unfinished messages, against
@@ -89,10 +93,12 @@ class Listener(service.Service):
     """
     Listens on an endpoint, says where, and stops listening when stopped.
 
-    A failure to listen is raised from L{privilegedStartService}, so twistd
-    exits instead of running without a port.
+    A failure to listen stops twistd from L{privilegedStartService}, with one
+    line on standard error and exit status 1, instead of running without a
+    port.
 
     @ivar label: what listens, for the log line.
+    @ivar option: the option that gave the endpoint, for the error.
     """
 
     def __init__(
@@ -101,11 +107,13 @@ class Listener(service.Service):
         factory: IProtocolFactory,
         description: str,
         label: str = "pbrealms",
+        option: str = "--port",
     ) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.description = description
         self.label = label
+        self.option = option
         self.port: IListeningPort | None = None
 
     _listening: defer.Deferred | None = None
@@ -124,9 +132,15 @@ class Listener(service.Service):
         self._listening = self.endpoint.listen(self.factory)
         self._listening.addCallbacks(self._listened, failed.append)
         if failed:
-            raise SystemExit(
-                f"{self.label}: cannot listen on {self.description}: {failed[0].getErrorMessage()}"
+            # twistd has sent sys.stderr to the log, which goes to standard
+            # output: write to the process's own standard error.
+            stderr = sys.__stderr__ or sys.stderr
+            stderr.write(
+                f"twistd pbrealms: error: cannot listen on {self.description} "
+                f"({self.option}): {listenError(failed[0].value)}\n"
             )
+            stderr.flush()
+            raise SystemExit(1)
         # An endpoint that listens later and fails is logged in one line.
         self._listening.addErrback(self._failed)
 
@@ -144,10 +158,11 @@ class Listener(service.Service):
 
     def _failed(self, reason) -> None:
         _log.error(
-            "{label}: cannot listen on {where}: {error}",
+            "{label}: cannot listen on {where} ({option}): {error}",
             label=self.label,
             where=self.description,
-            error=reason.getErrorMessage(),
+            option=self.option,
+            error=listenError(reason.value),
         )
 
     def stopService(self):
@@ -155,6 +170,20 @@ class Listener(service.Service):
         port, self.port = self.port, None
         if port is not None:
             return port.stopListening()
+
+
+def listenError(error: BaseException) -> str:
+    """
+    Why listening failed, as the system said it: C{address already in use},
+    without Twisted's repetition of the address.
+    """
+    if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
+        error = error.socketError
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+        # "Address already in use" reads as part of the line; "IPv6 ..." keeps its case.
+        return reason[0].lower() + reason[1:] if reason[1:2].islower() else reason
+    return str(error) or type(error).__name__
 
 
 class GracefulShutdown(service.Service):

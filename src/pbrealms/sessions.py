@@ -31,6 +31,10 @@ WHEN_FULL = (REFUSE, REPLACE_OLDEST, REPLACE_STALE)
 
 _sessionId = attrgetter("id")
 
+#: Why a session replaced under L{REPLACE_OLDEST} ended, as its log line,
+#: C{notifyKicked} and C{notifySessionClosed} say.
+REPLACED = "was replaced by a newer login"
+
 #: How many logins of one user may wait behind the one that is replacing a
 #: session; beyond that a login is refused at once (L{TooManyConnections}).
 MAX_WAITING_PER_USER = 16
@@ -136,17 +140,19 @@ class Session:
         else:
             self._onClose.append(callback)
 
-    def close(self, reason: str = "logged out") -> None:
+    def close(self, reason: str = "logged out", successor: str | None = None) -> None:
         """
         End this session.  Only the first call has an effect, so every path
         that ends a session may call it.
 
         @param reason: completes "USER ... from PEER" in the log line.
+        @param successor: the address of the login that replaced this
+            session, if one did: the log line names both addresses.
         """
         if self.closed:
             return
         self.closed = True
-        self._registry._closed(self, reason)
+        self._registry._closed(self, reason, successor)
         callbacks, self._onClose = self._onClose, []
         for callback in reversed(callbacks):
             try:
@@ -399,9 +405,10 @@ class SessionRegistry:
                 if not oldest.closed:
                     self.drop(
                         oldest,
-                        "was replaced by a newer login",
+                        REPLACED,
                         "replaced",
                         keepConnection=oldest.connection is connection,
+                        successor=peer,
                     )
 
     def _stillWanted(self, connection: Connection | None) -> None:
@@ -426,20 +433,31 @@ class SessionRegistry:
         """
         if session.mind is None:
             return defer.succeed(None)
-        reason = f"replaced by a newer login of {session.user} from {newPeer}"
+        # The same words as the log line: which session, which newcomer.
+        reason = (
+            f"{session.user}'s session {session.id} from {session.peer} {REPLACED} from {newPeer}"
+        )
         told = push(session.mind, "notifyKicked", reason, quiet=True)
         told.addCallback(self.metrics.pushed)
         return told.addTimeout(self.pingTimeout, self.clock).addErrback(lambda _: None)
 
-    def drop(self, session: Session, reason: str, why: str, keepConnection: bool = False) -> None:
+    def drop(
+        self,
+        session: Session,
+        reason: str,
+        why: str,
+        keepConnection: bool = False,
+        successor: str | None = None,
+    ) -> None:
         """
         End C{session} (its logout runs now) and close its connection, unless
         C{keepConnection}: the new login that replaces it came on it.
 
         @param reason: completes "USER ... from PEER" in the log line.
         @param why: the C{why} label of C{pbrealms_sessions_dropped_total}.
+        @param successor: the address of the login replacing C{session}.
         """
-        session.close(reason)
+        session.close(reason, successor)
         self.metrics.dropped.labels(why).inc()
         if session.connection is not None and not keepConnection:
             session.connection.drop()
@@ -471,7 +489,7 @@ class SessionRegistry:
         if release is not None:
             release()
 
-    def _closed(self, session: Session, reason: str) -> None:
+    def _closed(self, session: Session, reason: str, successor: str | None = None) -> None:
         sessions = self._byUser[session.user]
         del sessions[session.id]
         del self._byId[bisect_left(self._byId, session.id, key=_sessionId)]
@@ -481,8 +499,7 @@ class SessionRegistry:
             return
         duration = self.clock.seconds() - session.since
         self.metrics.sessionDuration.observe(duration)
-        self._log.info(
-            "{user} {reason} from {peer} after {duration:.1f} s (session {session}, realm {realm})",
+        fields = dict(
             user=session.user,
             reason=reason,
             peer=session.peer,
@@ -490,6 +507,19 @@ class SessionRegistry:
             session=session.id,
             realm=self.realm,
         )
+        if successor is None:
+            text = (
+                "{user} {reason} from {peer} after {duration:.1f} s"
+                " (session {session}, realm {realm})"
+            )
+        else:
+            # Two addresses: say which is which.
+            text = (
+                "{user}'s session {session} from {peer} {reason} from {successor}"
+                " after {duration:.1f} s (realm {realm})"
+            )
+            fields["successor"] = successor
+        self._log.info(text, **fields)
         for observer in self._observers:
             self._tell(observer.sessionClosed, session, reason)
 

@@ -20,8 +20,7 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.reflect import qual
-from twisted.spread import jelly, pb
+from twisted.spread import jelly
 
 from pbrealms.checkers import (
     PasswordFile,
@@ -35,6 +34,7 @@ from pbrealms.errors import InvalidPeriod
 from pbrealms.guard import SourcePenalties, parseNetworks
 from pbrealms.login import LoginRoot
 from pbrealms.metrics import ServerMetrics, metricsSite
+from pbrealms.options import Options as CommandOptions
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
 from pbrealms.realms import REALMS, ClockRealm
 from pbrealms.service import GracefulShutdown, Listener, PBRealmsService, PBServerFactory
@@ -52,6 +52,8 @@ LIMITING_REALMS = ("limited", "sessions")
 MAX_GRACE = 3600.0
 #: Twisted listens with a backlog of 50, which hangs a storm of logins.
 TCP_BACKLOG = 1024
+#: Who may connect to a UNIX socket unless its mode= says: its owner and group.
+UNIX_SOCKET_MODE = 0o660
 #: Authentication types that offer IUsernameHashedPassword but cannot serve
 #: PB: C{memory:} keeps str user names and PB sends bytes.
 UNUSABLE_AUTH_TYPES = frozenset({"memory"})
@@ -77,6 +79,17 @@ def withBacklog(description: str) -> str:
     return description
 
 
+def withSocketMode(description: str) -> str:
+    """
+    Add C{mode=660} to a UNIX socket endpoint description that has none:
+    Twisted's default, 0666, lets every local user connect.
+    """
+    kind = description.split(":", 1)[0].lower()
+    if kind == "unix" and not re.search(r"(?<!\\):mode=", description):
+        description += f":mode={UNIX_SOCKET_MODE:o}"
+    return description
+
+
 def isLocalOnly(endpoint: IStreamServerEndpoint) -> bool:
     """
     Whether an endpoint listens only where no other machine can connect: a
@@ -97,19 +110,24 @@ def isLocalOnly(endpoint: IStreamServerEndpoint) -> bool:
         return False
 
 
-class Options(usage.Options, strcred.AuthOptionMixin):
+class Options(CommandOptions, strcred.AuthOptionMixin):
     """
     The options of C{twistd pbrealms}.  Every check is made here, so that a
     bad value stops twistd with one line before anything listens.
+
+    @ivar given: where each setting given came from, as its errors name it:
+        C{--max} or C{PBREALMS_MAX}.
     """
 
     synopsis = "[options]"
     longdesc = (
         "Serve Twisted's Perspective Broker with the realm strategy of your choice. "
         "Clients log in with pb.PBClientFactory.login(UsernamePassword(user, password)) "
-        "or with pbrealms-client. Every option can also be set in the environment as "
-        "PBREALMS_<OPTION> (PBREALMS_REALM, PBREALMS_MAX, PBREALMS_SHUTDOWN_GRACE ...); "
-        "the command line wins."
+        "or with pbrealms-client. Every option that takes a value, --auth included, can "
+        "also be set in the environment as PBREALMS_<OPTION> (PBREALMS_REALM, PBREALMS_MAX, "
+        "PBREALMS_SHUTDOWN_GRACE, PBREALMS_AUTH ...), and is checked as on the command "
+        "line; an empty variable counts as unset. The command line wins, and --passwd or "
+        "--auth there overrides both PBREALMS_PASSWD and PBREALMS_AUTH."
     )
     optParameters = [
         ["realm", "r", "cache", "Realm strategy: " + ", ".join(REALMS) + "."],
@@ -125,7 +143,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "when-full",
             None,
             REFUSE,
-            "With --max: what a login beyond it does. refuse: it is refused (too many "
+            "With --realm=limited (whose --max is 1 unless given) or with --realm=sessions "
+            "and --max: what a login beyond the limit does. refuse: it is refused (too many "
             "connections). replace-oldest: the user's oldest session is told, closed, "
             "and replaced. replace-stale: the oldest session is pinged, and replaced "
             "only if it does not answer within --ping-timeout.",
@@ -226,7 +245,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         [
             "penalty-exempt",
             None,
-            "",
+            None,
             "Addresses and networks whose failed logins are never penalised, comma-"
             "separated (e.g. 10.0.0.0/8,::1). Others are refused for a while after "
             "repeated failures. [default: none]",
@@ -250,12 +269,39 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def __init__(self) -> None:
         super().__init__()
+        self.given: dict[str, str] = {}
         # Settings from the environment, for containers: no shell wrapper
         # (which would swallow SIGTERM) is needed to turn them into options.
+        # They stay text until postOptions, which checks them as it checks
+        # the command line's.  (PBREALMS_AUTH: see _credentialsFromEnvironment.)
         for name, _, _, _ in self.optParameters:
             value = os.environ.get(environmentName(name))
             if value:
                 self[name] = value
+                self.given[name] = environmentName(name)
+        for name, handler in list(self._dispatch.items()):
+            self._dispatch[name] = self._noting(name, handler)
+
+    def _noting(self, name: str, handler):
+        """
+        C{handler}, which first notes that the command line gave C{name}.
+        """
+
+        def dispatch(optionName: str, value: str | None = None) -> None:
+            self.given[name] = "--" + name
+            if isinstance(handler, usage.CoerceParameter):
+                handler.dispatch(optionName, value)
+            else:
+                handler(optionName, value)
+
+        return dispatch
+
+    def _name(self, option: str) -> str:
+        """
+        How an error names the setting C{option}: as the environment
+        variable that set it, or else as the option.
+        """
+        return self.given.get(option, "--" + option)
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         # twistd answers a usage error with its whole --help; one line is kinder.
@@ -264,6 +310,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         except usage.UsageError as e:
             sys.stderr.write(f"twistd pbrealms: error: {e}\n")
             raise SystemExit(2) from None
+
+    def parseArgs(self, *arguments: str) -> None:
+        if arguments:
+            raise usage.UsageError(
+                f"unexpected argument {arguments[0]!r}: twistd pbrealms takes only options "
+                "(see twistd pbrealms --help)"
+            )
 
     def supportsCheckerFactory(self, factory: object) -> bool:
         if getattr(factory, "authType", None) in UNUSABLE_AUTH_TYPES:
@@ -281,25 +334,28 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         """
         Check passwords with a Twisted checker instead of --passwd (see --help-auth).
         """
+        setting = self._name("auth")
         kind = description.split(":", 1)[0]
         try:
             usable = self.supportsCheckerFactory(strcred.findCheckerFactory(kind))
         except strcred.InvalidAuthType:
-            raise usage.UsageError(f"--auth {kind}: unknown type; see --help-auth") from None
+            raise usage.UsageError(f"{setting} {kind}: unknown type; see --help-auth") from None
         if not usable:
-            raise usage.UsageError(f"--auth {kind}: cannot answer PB's challenge; see --help-auth")
+            raise usage.UsageError(
+                f"{setting} {kind}: cannot answer PB's challenge; see --help-auth"
+            )
         if kind == "file":
-            self._checkAuthFile(description.partition(":")[2])
+            self._checkAuthFile(setting, description.partition(":")[2])
         super().opt_auth(description)
 
     @staticmethod
-    def _checkAuthFile(path: str) -> None:
+    def _checkAuthFile(setting: str, path: str) -> None:
         # strcred only warns about a missing file, and every login would fail.
         try:
             warning = checkPermissions(path)
             users = parsePasswords(path)
         except PasswordFileError as e:
-            raise usage.UsageError(f"--auth {e}") from None
+            raise usage.UsageError(f"{setting} {e}") from None
         if warning:
             _log.warn("{warning}", warning=warning)
         # Twisted's file checker ends a password at the next colon, where
@@ -307,7 +363,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         for name, password in users.items():
             if b":" in password:
                 raise usage.UsageError(
-                    f"--auth file:{path}: the password of {name.decode()!r} has a ':', "
+                    f"{setting} file:{path}: the password of {name.decode()!r} has a ':', "
                     "which Twisted's file checker cuts off; use --passwd for this file"
                 )
 
@@ -316,36 +372,39 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def postOptions(self) -> None:
         name = self["realm"]
         if name not in REALMS:
-            raise usage.UsageError(f"unknown realm {name!r}: choose one of " + ", ".join(REALMS))
+            raise usage.UsageError(
+                f"unknown {self._what('realm')} {name!r}: choose one of " + ", ".join(REALMS)
+            )
         self["max"] = self._maxSessions(name, self["max"])
-        self["when-full"] = self._whenFull(self["when-full"], self["max"])
-        self["ping-timeout"] = self._positive("ping-timeout", self["ping-timeout"], float)
+        self["when-full"] = self._whenFull(name, self["when-full"], self["max"])
+        self["ping-timeout"] = self._positive("ping-timeout", float)
         self["keepalive"] = self._keepalive(self["keepalive"])
         self["period"] = self._period(name, self["period"])
+        self._credentialsFromEnvironment()
         self["checker"], self["demo"] = self._checker()
-        self["endpoint"] = self._endpoint(self["port"], "--port")
+        self["endpoint"] = self._endpoint(self["port"], self._name("port"))
         self["shutdown-grace"] = self._grace(self["shutdown-grace"])
-        for name in (
+        for option in (
             "max-message-size",
             "max-depth",
             "max-unfinished-bytes",
             "max-unauthenticated-per-source",
             "max-auth-tries",
         ):
-            self[name] = self._positive(name, self[name], int)
+            self[option] = self._positive(option, int)
         if self["max-unfinished-bytes"] < self["max-message-size"]:
             # Else one whole message would close its connection.
             raise usage.UsageError(
-                f"--max-unfinished-bytes ({self['max-unfinished-bytes']}) must be at least "
-                f"--max-message-size ({self['max-message-size']})"
+                f"{self._name('max-unfinished-bytes')} ({self['max-unfinished-bytes']}) must be "
+                f"at least {self._name('max-message-size')} ({self['max-message-size']})"
             )
-        self["login-timeout"] = self._positive("login-timeout", self["login-timeout"], float)
+        self["login-timeout"] = self._positive("login-timeout", float)
         try:
-            self["penalty-exempt"] = parseNetworks(self["penalty-exempt"])
+            self["penalty-exempt"] = parseNetworks(self["penalty-exempt"] or "")
         except ValueError as e:
-            raise usage.UsageError(f"--penalty-exempt: {e}") from None
+            raise usage.UsageError(f"{self._name('penalty-exempt')}: {e}") from None
         if self["metrics"] is not None:
-            self["metrics-endpoint"] = self._endpoint(self["metrics"], "--metrics")
+            self["metrics-endpoint"] = self._endpoint(self["metrics"], self._name("metrics"))
         if self["demo"] and not isLocalOnly(self["endpoint"]):
             raise usage.UsageError(
                 f"refusing to serve the demo users on {self['port']!r}, which is not "
@@ -354,27 +413,36 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         # Last, once the rest is known good: this raises the descriptor limit.
         given = self["max-connections"]
         if given is not None:
-            given = self._positive("max-connections", given, int)
-        self["max-connections"] = fitConnections(given)
+            given = self._positive("max-connections", int)
+        self["max-connections"] = fitConnections(given, self._name("max-connections"))
 
-    @staticmethod
-    def _positive(option: str, value: str, kind: type) -> float:
+    def _what(self, option: str) -> str:
+        """
+        How an error names the setting C{option} in "unknown ..." : as its
+        environment variable, or else by its bare name.
+        """
+        name = self._name(option)
+        return option if name.startswith("--") else name
+
+    def _positive(self, option: str, kind: type) -> float:
+        value = self[option]
         number = _parse(value, kind)
         if not 0 < number < 2**31:
-            raise usage.UsageError(f"--{option} must be a number above 0, not {value!r}")
+            what = "a whole number" if kind is int else "a number"
+            raise usage.UsageError(f"{self._name(option)} must be {what} above 0, not {value!r}")
         return number
 
-    @staticmethod
-    def _grace(value: str) -> float:
+    def _grace(self, value: str) -> float:
         seconds = _parse(value)
         if not 0 <= seconds <= MAX_GRACE:
             raise usage.UsageError(
-                f"--shutdown-grace must be from 0 to {MAX_GRACE:g} seconds, not {value!r}"
+                f"{self._name('shutdown-grace')} must be from 0 to {MAX_GRACE:g} seconds, "
+                f"not {value!r}"
             )
         return seconds
 
     @staticmethod
-    def _endpoint(description: str, option: str) -> IStreamServerEndpoint:
+    def _endpoint(description: str, setting: str) -> IStreamServerEndpoint:
         from twisted.internet import reactor
 
         if description.isdigit():
@@ -382,43 +450,59 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         try:
             endpoint = endpoints.serverFromString(reactor, description)
         except Exception as e:
-            raise usage.UsageError(f"bad {option} {description!r}: {e}") from None
-        try:
-            return endpoints.serverFromString(reactor, withBacklog(description))
-        except Exception:
-            # A backlog given by position: keep what was asked for.
-            return endpoint
+            raise usage.UsageError(
+                f"bad {setting} {description!r}: {endpointError(description, e)}"
+            ) from None
+        port = getattr(endpoint, "_port", None)
+        if isinstance(port, int) and not 0 <= port <= 65535:
+            raise usage.UsageError(
+                f"bad {setting} {description!r}: the port must be from 0 to 65535, not {port}"
+            )
+        for complete in (withBacklog, withSocketMode):
+            completed = complete(description)
+            try:
+                endpoint = endpoints.serverFromString(reactor, completed)
+            except Exception:
+                continue  # a backlog or mode given by position: keep it
+            description = completed
+        return endpoint
 
-    @staticmethod
-    def _keepalive(value: str) -> float:
+    def _keepalive(self, value: str) -> float:
         seconds = _parse(value)
         # Under a second, pings would be most of the traffic.
         if not (seconds == 0 or MIN_KEEPALIVE <= seconds < 2**31):
             raise usage.UsageError(
-                f"--keepalive must be {MIN_KEEPALIVE:g} or more seconds, or 0 for none, "
-                f"not {value!r}"
+                f"{self._name('keepalive')} must be {MIN_KEEPALIVE:g} or more seconds, or 0 for "
+                f"none, not {value!r}"
             )
         return seconds
 
-    @staticmethod
-    def _whenFull(value: str, limit: int | None) -> str:
+    def _whenFull(self, realm: str, value: str, limit: int | None) -> str:
         if value not in WHEN_FULL:
             raise usage.UsageError(
-                f"unknown --when-full {value!r}: choose one of " + ", ".join(WHEN_FULL)
+                f"unknown {self._name('when-full')} {value!r}: choose one of "
+                + ", ".join(WHEN_FULL)
             )
-        if value != REFUSE and limit is None:
+        if value == REFUSE or limit is not None:
+            return value
+        setting = f"{self._name('when-full')}={value}"
+        if realm in LIMITING_REALMS:
+            # Only sessions has no limit of its own (limited's --max is 1).
             raise usage.UsageError(
-                f"--when-full={value} needs --max, with --realm="
-                + " or --realm=".join(LIMITING_REALMS)
+                f"{setting} needs --max: --realm={realm} has no limit without it"
             )
-        return value
+        raise usage.UsageError(
+            f"{setting} applies to --realm="
+            + " or --realm=".join(LIMITING_REALMS)
+            + f" only, not {realm!r}"
+        )
 
-    @staticmethod
-    def _maxSessions(realm: str, value: str | None) -> int | None:
+    def _maxSessions(self, realm: str, value: str | None) -> int | None:
+        setting = self._name("max")
         if realm not in LIMITING_REALMS:
             if value is not None:
                 raise usage.UsageError(
-                    "--max applies to --realm="
+                    f"{setting} applies to --realm="
                     + " or --realm=".join(LIMITING_REALMS)
                     + f" only, not {realm!r}"
                 )
@@ -428,34 +512,54 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         try:
             limit = int(value)
         except ValueError:
-            raise usage.UsageError(f"--max must be a whole number, not {value!r}") from None
+            raise usage.UsageError(f"{setting} must be a whole number, not {value!r}") from None
         if limit < 1:
-            raise usage.UsageError(f"--max must be 1 or more, not {limit}")
+            raise usage.UsageError(f"{setting} must be 1 or more, not {limit}")
         return limit
 
-    @staticmethod
-    def _period(realm: str, value: str | None) -> float | None:
+    def _period(self, realm: str, value: str | None) -> float | None:
+        setting = self._name("period")
         if realm != "clock":
             if value is not None:
-                raise usage.UsageError(f"--period applies to --realm=clock only, not {realm!r}")
+                raise usage.UsageError(f"{setting} applies to --realm=clock only, not {realm!r}")
             return None
         if value is None:
             return DEFAULT_PERIOD
         try:
             seconds = float(value)
         except ValueError:
-            raise usage.UsageError(f"--period must be a number of seconds, not {value!r}") from None
+            raise usage.UsageError(
+                f"{setting} must be a number of seconds, not {value!r}"
+            ) from None
         try:
             return validatePeriod(seconds)
         except InvalidPeriod as e:
-            raise usage.UsageError(f"--{e.args[0]}") from None
+            # "period must be from ...": name it as it was given.
+            raise usage.UsageError(setting + e.args[0].removeprefix("period")) from None
+
+    def _credentialsFromEnvironment(self) -> None:
+        """
+        Apply PBREALMS_AUTH, through the checks of --auth, unless the command
+        line chose the password source: its --passwd or --auth overrides both
+        PBREALMS_PASSWD and PBREALMS_AUTH (a container image may set one).
+        """
+        fromCommandLine = [n for n in ("passwd", "auth") if self.given.get(n, "").startswith("--")]
+        if fromCommandLine:
+            if self.given.get("passwd") == environmentName("passwd"):
+                self["passwd"] = None
+                del self.given["passwd"]
+            return
+        description = os.environ.get(environmentName("auth"))
+        if description:
+            self.given["auth"] = environmentName("auth")
+            self.opt_auth(description)
 
     def _checker(self) -> tuple[ICredentialsChecker, bool]:
         checkers = self.get("credCheckers", [])
         if self["passwd"] == "":
-            raise usage.UsageError("--passwd needs the name of a password file")
+            raise usage.UsageError(f"{self._name('passwd')} needs the name of a password file")
         if self["passwd"] and checkers:
-            raise usage.UsageError("give --passwd or --auth, not both")
+            raise usage.UsageError(f"give {self._name('passwd')} or {self._name('auth')}, not both")
         if len(checkers) > 1:
             raise usage.UsageError("give --auth once")
         if checkers:
@@ -466,7 +570,37 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             demo = str(files("pbrealms") / "demo.passwd")
             return PasswordFile(demo, strictModes=False), True
         except PasswordFileError as e:
-            raise usage.UsageError(str(e)) from None
+            # The error names the file; say too which variable named it.
+            setting = self._name("passwd")
+            text = str(e) if setting.startswith("--") else f"{setting}: {e}"
+            raise usage.UsageError(text) from None
+
+
+def endpointError(description: str, error: Exception) -> str:
+    """
+    What is wrong with an endpoint description, for a person, from what
+    Twisted raised parsing it (its parsers let int() and argument binding
+    speak for them).
+    """
+    kind = description.split(":", 1)[0]
+    text = str(error)
+    expected = "; expected e.g. tcp:8787:interface=127.0.0.1 (see Twisted's endpoint syntax)"
+    number = re.fullmatch(r"invalid literal for int\(\) with base (\d+): (.*)", text)
+    if number:
+        what = "an octal" if number[1] == "8" else "a whole"
+        return f"{number[2]} is not {what} number{expected}"
+    keyword = re.search(r"unexpected keyword argument (\S+)", text)
+    if keyword:
+        return f"{kind}: has no parameter {keyword[1]}{expected}"
+    if re.search(r"positional arguments? but \d+ (was|were) given", text):
+        return f"too many fields for {kind}:{expected}"
+    if text.startswith("Unknown endpoint type"):
+        return f"unknown endpoint type {kind!r}{expected}"
+    if isinstance(error, OSError) and error.filename:
+        return f"cannot read {error.filename}: {error.strerror}"
+    if isinstance(error, IndexError) and kind == "systemd":
+        return "systemd passed no socket of that index (see LISTEN_FDS)"
+    return text or type(error).__name__
 
 
 def _parse(value: str, kind: type = float) -> float:
@@ -481,14 +615,15 @@ def _parse(value: str, kind: type = float) -> float:
 
 def wireSecurity() -> jelly.SecurityOptions:
     """
-    What clients may send: basic types, references to their own objects (a
-    mind) and to ours, and errors answering our pushes.  Nothing that builds
-    instances of arbitrary classes, and an object of our own that no import
-    can widen, unlike PB's process-wide default.
+    What clients may send: basic types and references to their own objects
+    (a mind) and to ours.  Nothing that builds instances of classes: the
+    errors answering our pushes are read from their state alone (see
+    L{pbrealms.commands.receivedFailure}).  An object of our own, which no
+    import can widen, unlike PB's process-wide default.
     """
     security = jelly.SecurityOptions()
     security.allowBasicTypes()
-    security.allowTypes("remote", "local", qual(pb.CopyableFailure))
+    security.allowTypes("remote", "local")
     return security
 
 
@@ -539,7 +674,8 @@ def makeService(options: Options) -> PBRealmsService:
     children = []
     if options["metrics"] is not None:
         site = metricsSite(metrics, isServing=lambda: server.listening, sessions=registry.describe)
-        listener = Listener(options["metrics-endpoint"], site, options["metrics"], "metrics")
+        where, option = options["metrics"], options._name("metrics")
+        listener = Listener(options["metrics-endpoint"], site, where, "metrics", option)
         children.append(("metrics-http", listener))
     hasher = None
     if isinstance(checker, PasswordFile):
@@ -562,7 +698,8 @@ def makeService(options: Options) -> PBRealmsService:
         reactor, registry, factory, options["shutdown-grace"], hasher=hasher
     )
     children.append(("graceful-shutdown", shutdown))
-    children.append(("pb-listener", Listener(options["endpoint"], factory, options["port"])))
+    listener = Listener(options["endpoint"], factory, options["port"], option=options._name("port"))
+    children.append(("pb-listener", listener))
     for childName, child in children:
         child.setName(childName)
         child.setServiceParent(server)

@@ -5,8 +5,10 @@ Banana, PB's encoding, bounds one string or list length (640 KiB) but not a
 message: a client can grow the server's memory without end, nest lists deep
 enough to make the log of the resulting error enormous, and each decoding
 error is logged as a traceback.  L{LimitedBroker} decodes the same wire format
-with a cap on the bytes of one message and on its nesting depth, and answers
-any bad input by aborting the connection with one log line.
+with a cap on what one message costs in memory once decoded and on its
+nesting depth, and answers any bad input by closing the connection with one
+log line.  An answer or an error that is well formed but does not decode
+fails only the call it answers.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import struct
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
-from twisted.spread import pb
+from twisted.python.failure import Failure
+from twisted.spread import jelly, pb
 
 from pbrealms import commands
 from pbrealms.addresses import describeAddress
-from pbrealms.errors import printable
+from pbrealms.errors import MessageTooLarge, PagingRefused, UndecodableAnswer, printable
 
 #: The defaults: the most bytes one incoming message may have, and how deep
 #: its lists may nest.
@@ -34,6 +37,10 @@ READ_BUDGET = 4 * 1024
 #: times the default message size, so one address at its cap fits, while
 #: 16,384 connections could otherwise hold 16 GiB.
 MAX_UNFINISHED_BYTES = 128 << 20
+
+#: Seconds a connection closed after an oversized message has to read the
+#: error it was sent, before it is aborted.
+CLOSE_TIMEOUT = 5.0
 
 _LIST, _INT, _STRING, _NEG, _FLOAT, _LONGINT, _LONGNEG, _VOCAB = range(0x80, 0x88)
 # What a decoded item costs in memory, charged before it is built: CPython
@@ -72,6 +79,12 @@ _DOUBLE = struct.Struct("!d")
 class WireError(Exception):
     """
     A client sent something this server will not decode.
+    """
+
+
+class TooLarge(WireError):
+    """
+    A message would cost more than C{maxMessageBytes} once decoded.
     """
 
 
@@ -140,6 +153,21 @@ class _Unanswered:
         return result
 
 
+def _undecodable(what: str, error: Exception) -> Failure:
+    """
+    The failure of a call whose C{what} ("an answer", "an error") did not
+    decode, saying why in one line (the error's text may quote the peer).
+    """
+    if isinstance(error, jelly.InsecureJelly):
+        # Jelly names a refused tag by itself, as bytes: b'module'.
+        refused = error.args[0] if error.args else ""
+        detail = printable(refused, 80)
+        return Failure(UndecodableAnswer(f"{what} of a type the server refuses ({detail})"))
+    detail = printable(str(error), 80)
+    name = type(error).__name__
+    return Failure(UndecodableAnswer(f"{what} that cannot be decoded ({name}: {detail})"))
+
+
 class LimitedBroker(pb.Broker):
     """
     A PB broker whose decoder refuses a message larger than C{maxMessageBytes}
@@ -177,6 +205,8 @@ class LimitedBroker(pb.Broker):
     #: Whether the transport's write buffer is full: one-way pushes skip,
     #: and nothing more is decoded.
     writeBlocked = False
+    #: The abort of a connection given time to read its last answer.
+    _abort: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self._pending = bytearray()
@@ -226,8 +256,10 @@ class LimitedBroker(pb.Broker):
         self.transport.loseConnection()
 
     def registerPageProducer(self, pager) -> None:
-        # PB's pages would take the transport's producer slot, which is ours.
-        raise NotImplementedError("pbrealms serves no pages")
+        # PB's pages would take the transport's producer slot, which is ours
+        # (see connectionMade).  Raised in the remote method that made the
+        # pager, this answers its caller as a typed error, logged by no one.
+        raise PagingRefused()
 
     def dataReceived(self, chunk: bytes) -> None:
         if self._refused:
@@ -251,6 +283,9 @@ class LimitedBroker(pb.Broker):
         pending = self._pending
         try:
             used = self._decode(pending, self.readBudget)
+        except TooLarge as e:
+            self._tooLarge(str(e))
+            return
         except WireError as e:
             self.refuse(str(e))
             return
@@ -302,6 +337,9 @@ class LimitedBroker(pb.Broker):
 
     def connectionLost(self, reason) -> None:
         self.ignoreInput()
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        self._abort = None
         super().connectionLost(reason)
 
     def proto_message(self, requestID, objectID, message, answerRequired, netArgs, netKw):
@@ -353,36 +391,56 @@ class LimitedBroker(pb.Broker):
 
     def proto_answer(self, requestID, netResult) -> None:
         self._question(requestID, "an answer")
-        result = self._reply(netResult, "an answer")
-        self.waitingForAnswers.pop(requestID).callback(result)
+        self._checkReply(netResult)
+        waiting = self.waitingForAnswers.pop(requestID)
+        try:
+            result = self.unserialize(netResult)
+        except Exception as e:
+            waiting.errback(_undecodable("an answer", e))
+        else:
+            waiting.callback(result)
 
     def proto_error(self, requestID, fail) -> None:
         self._question(requestID, "an error")
-        problem = commands.checkFailure(fail)
-        if problem is not None:
-            raise WireError(problem)
-        reason = commands.receivedFailure(self._reply(fail[1], "an error"))
-        if reason is None:
-            raise WireError("an error that is not a failure")
-        self.waitingForAnswers.pop(requestID).errback(reason)
+        self._checkReply(fail)
+        self.waitingForAnswers.pop(requestID).errback(self._receivedError(fail))
 
     def _question(self, requestID: object, what: str) -> None:
         if type(requestID) is not int or requestID not in self.waitingForAnswers:
             raise WireError(f"{what} to no question")
 
-    def _reply(self, expression: object, what: str) -> object:
-        """
-        Decode an answer's or an error's C{expression}.  What waits for it is
-        left waiting when it does not decode: the connection closes, which
-        fails it.
-        """
+    def _checkReply(self, expression: object) -> None:
+        # Only a shape that PB never builds closes the connection; what a
+        # peer's PB builds but this side cannot decode (a Copyable, an old
+        # Twisted's failure) fails the one call it answers.
         problem = commands.checkJelly(expression)
         if problem is not None:
             raise WireError(problem)
+
+    def _receivedError(self, fail: object) -> Failure:
+        """
+        The failure that an C{error} command's C{fail} stands for: the
+        peer's error as a L{pb.CopiedFailure} holding only its type, message
+        and parents (see L{commands.receivedFailure}), or an
+        L{UndecodableAnswer} if it is not one.  Python 2 peers send their
+        failures' state with byte strings for keys: it decodes the same.
+        """
+        if not commands.isFailure(fail):
+            # Stock PB sends a Copyable error as itself, not as a failure:
+            # the jelly options refuse its class, as they refuse any other.
+            try:
+                self.unserialize(fail)
+            except Exception as e:
+                return _undecodable("an error", e)
+            return Failure(UndecodableAnswer("an error that is not a failure"))
         try:
-            return self.unserialize(expression)
+            state = self.unserialize(fail[1])
         except Exception as e:
-            raise WireError(f"{what} that cannot be decoded ({type(e).__name__})") from None
+            return _undecodable("an error", e)
+        reason = commands.receivedFailure(state)
+        if reason is None:
+            return Failure(UndecodableAnswer("an error that is not a failure"))
+        return reason
 
     def proto_decref(self, objectID) -> None:
         # The server's named objects (the root) are not counted.
@@ -425,6 +483,28 @@ class LimitedBroker(pb.Broker):
         peer = describeAddress(self.transport.getPeer())
         _log.info("closed the connection from {peer}: {reason}", peer=peer, reason=reason)
         self.transport.abortConnection()
+
+    def _tooLarge(self, reason: str) -> None:
+        """
+        Refuse an oversized message, logging why in one line.  If its request
+        id is decoded already, and it wants an answer, answer it with
+        L{MessageTooLarge} and close once that is written, giving the client
+        L{CLOSE_TIMEOUT} seconds to read it: the rest of its message is read
+        and dropped meanwhile, never decoded.  (The stream cannot be resumed
+        mid-message: what follows is its rest, of unknown shape.)
+        """
+        requestID = commands.unfinishedRequest(self.listStack)
+        if requestID is None:
+            self.refuse(reason)
+            return
+        self.ignoreInput()
+        peer = describeAddress(self.transport.getPeer())
+        _log.info("closed the connection from {peer}: {reason}", peer=peer, reason=reason)
+        self._sendError(MessageTooLarge(self.maxMessageBytes), requestID)
+        from twisted.internet import reactor
+
+        self._abort = reactor.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
+        self.closeGracefully()
 
     def _decode(self, buf: bytearray, budget: int) -> int:
         """
@@ -483,7 +563,10 @@ class LimitedBroker(pb.Broker):
             else:
                 cost = ((pos - start + _NUMBER_BASE) & -16) + _SLOT
             if messageBytes + cost > maxBytes:
-                raise WireError(f"a message larger than {maxBytes} bytes")
+                raise TooLarge(
+                    f"a message that would cost more than {maxBytes} bytes of memory once "
+                    "decoded (--max-message-size)"
+                )
             if kind == _STRING:
                 if end - pos < num:
                     pos = start  # wait for the rest of the string
