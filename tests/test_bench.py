@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import stat
+import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
-from processes import childrenOf
+from processes import childrenOf, environment, stop, waitFor
 
 from pbrealms.bench import cli
 from pbrealms.bench.cli import (
@@ -457,4 +460,78 @@ def test_a_failed_load_is_reported_and_exits_1(capsys, monkeypatch, tmp_path, no
     greet = [line for line in out.splitlines() if line.startswith("| greet: sequential")]
     assert [cell.strip() for cell in greet[0].split("|")[2:4]] == ["10", "failed"]
     assert "greet: baseline failed: no answer within 5 s" in err
-    assert "the servers' logs are kept in" in err
+    # Nothing is kept in the temporary directory: it says how to see the logs.
+    assert "run again with --logs DIR" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# What a run leaves behind: only what the user named
+
+BENCH = str(Path(sys.executable).parent / "pbrealms-bench")
+QUICK = ["--only", "greet", "--greet-count", "20", "--in-flight", "5", "--rounds", "1"]
+
+
+def benchProcess(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path, Path, Path]:
+    """
+    Start pbrealms-bench in an empty directory, with TMPDIR an empty one of
+    its own: the process, its stderr file, that directory and TMPDIR.
+    """
+    cwd, temp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    temp.mkdir()
+    err = tmp_path / "bench.err"
+    with err.open("wb") as errors:
+        process = subprocess.Popen(
+            [BENCH, *args],
+            cwd=cwd,
+            env=environment(TMPDIR=str(temp)),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            # As from a terminal: a background job would ignore SIGINT.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    return process, err, cwd, temp
+
+
+def runningFrom(directory: Path) -> list[str]:
+    """
+    The command lines of the processes that name C{directory}: the servers
+    the bench started name their password file in it.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and str(directory) in (entry / "cmdline").read_text():
+                found.append((entry / "cmdline").read_text().replace("\0", " "))
+    return found
+
+
+def test_a_run_writes_only_the_files_it_is_asked_for(tmp_path):
+    process, err, cwd, temp = benchProcess(tmp_path, *QUICK, "--json", "out.json", "--logs", ".")
+    try:
+        assert process.wait(120) == 0, err.read_text()
+    finally:
+        stop(process)
+    assert list(temp.iterdir()) == []
+    assert sorted(p.name for p in cwd.iterdir()) == [
+        "baseline-greet.out", "out.json", "pbrealms-greet.out"
+    ]  # fmt: skip
+    assert "pbrealms listening on 127.0.0.1:" in (cwd / "pbrealms-greet.out").read_text()
+    assert json.loads((cwd / "out.json").read_text())["workloads"]["greet"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_leaves_nothing_behind(tmp_path, sig):
+    # Long enough to be interrupted in the middle.
+    process, err, cwd, temp = benchProcess(tmp_path, *QUICK, "--greet-count", "10000000")
+    try:
+        waitFor(lambda: "round 1 of 1 against pbrealms" in err.read_text(), 60, "greeting")
+        process.send_signal(sig)
+        assert process.wait(60) == 128 + sig, err.read_text()
+    finally:
+        stop(process)
+    assert list(temp.iterdir()) == []
+    assert list(cwd.iterdir()) == []
+    assert runningFrom(temp) == []

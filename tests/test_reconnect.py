@@ -10,18 +10,29 @@ import random
 import pytest
 import pytest_twisted
 from conftest import RecordingFactory, Served, eventually
-from twisted.internet import defer, error, task
+from twisted.internet import defer, endpoints, error, task
 from twisted.python.failure import Failure
 
-from pbrealms.client import ClientMind, Kicked, ReconnectingSession, retryable
+from pbrealms.client import (
+    ClientMind,
+    ClosedBeforeLogin,
+    Kicked,
+    ReconnectingSession,
+    TLSFailed,
+    penaltySeconds,
+    retryable,
+)
 from pbrealms.errors import (
     BadCredentials,
     InsecureLogin,
     LoginFailed,
     MindRequired,
     ShuttingDown,
+    SourcePenalised,
     TooManyConnections,
 )
+from pbrealms.guard import SourcePenalties
+from pbrealms.login import LoginRoot
 
 # A fake server, for the schedule.
 
@@ -222,7 +233,11 @@ def test_a_refusal_for_good_stops_at_once(clock, server, refusal):
         (TooManyConnections(1), True),
         (ShuttingDown(), True),
         (LoginFailed(), True),
+        (SourcePenalised(15), True),
+        (ClosedBeforeLogin(), True),
         (BadCredentials(), False),
+        (TLSFailed("untrusted", "certificate verify failed"), False),
+        (TLSFailed("name", "localhost"), False),
         (MindRequired("clock"), False),
         (InsecureLogin(), False),
         (defer.CancelledError(), False),
@@ -231,6 +246,45 @@ def test_a_refusal_for_good_stops_at_once(clock, server, refusal):
 )
 def test_what_is_tried_again(exception, again):
     assert retryable(Failure(exception)) is again
+
+
+def received(exception: Exception) -> Exception:
+    """
+    C{exception} as the client has it once L{pbrealms.errors.localize} made
+    it again from what crossed the wire: its class and message, nothing else.
+    """
+    copy = type(exception).__new__(type(exception))
+    Exception.__init__(copy, str(exception))
+    return copy
+
+
+def test_the_penalty_the_server_gave():
+    assert penaltySeconds(Failure(SourcePenalised(14.2))) == 15.0
+    assert penaltySeconds(Failure(received(SourcePenalised(600)))) == 600.0
+    assert penaltySeconds(Failure(BadCredentials())) is None
+    assert penaltySeconds(Failure(received(SourcePenalised(1)))) == 1.0
+
+
+def test_a_penalised_address_waits_as_long_as_the_server_said(clock, server):
+    lost: list = []
+    session = fakeSession(clock, server, lost)
+    stopped = session.start()
+    server.refuse(received(SourcePenalised(20)))
+    # Not after the usual 1 s: it would only be refused again.
+    assert [delay for _, delay in lost] == [20.0]
+    clock.advance(19.9)
+    assert server.attempts == [0.0]
+    clock.advance(0.1)
+    assert server.attempts == [0.0, 20.0]
+    # A short penalty does not shorten the backoff.
+    server.refuse(received(SourcePenalised(1)))
+    assert lost[-1][1] == 2.0
+    clock.advance(2.0)
+    server.accept()
+    assert session.connection is not None
+    result(session.stop())
+    assert result(stopped) is None
+    assert clock.getDelayedCalls() == []
 
 
 def test_kicked_stops_instead_of_coming_back(clock, server):
@@ -421,7 +475,7 @@ async def test_kicked_by_a_newer_login_stops_with_the_reason(reactor, harness):
     finally:
         await session.stop()
     assert kicked.value.reason == kicks[0] == first.kicked
-    assert kicked.value.reason.startswith("replaced by a newer login of alice from 127.0.0.1:")
+    assert "replaced by a newer login" in kicked.value.reason
     assert session.connection is None
     assert lost == []
     # It does not come back to kick the newer session in turn.
@@ -474,3 +528,44 @@ async def test_too_many_connections_tries_again_until_the_slot_frees(reactor, ha
         await session.stop()
     assert await stopped is None
     await served.settled()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_penalised_address_comes_back_once_the_penalty_drained(reactor, harness):
+    # The penalty and the session's delays run on one task.Clock, so that
+    # 15 s of penalty take no time; the connections are real.
+    clock = task.Clock()
+    penalties = SourcePenalties(clock)
+    for _ in range(3):
+        penalties.failed("127.0.0.1")
+    base = harness.makeRoot("tracking")
+    root = LoginRoot(base.checker, base.realm, base.registry, penalties=penalties)
+    served = await harness.serve(root=root)
+    lost: list = []
+    session = ReconnectingSession(
+        clock,
+        endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", served.port.getHost().port),
+        "alice",
+        "wonderland",
+        timeout=5.0,
+        onLost=lambda reason, delay: lost.append((reason, delay)),
+        jitter=lambda: 1.0,
+    )
+    stopped = session.start()
+    try:
+        await eventually(reactor, lambda: lost)
+        ((reason, delay),) = lost
+        assert reason.check(SourcePenalised)
+        assert str(reason.value) == "too many failed logins from this address: try again in 15 s"
+        assert delay == 15.0
+        clock.advance(14.9)
+        await task.deferLater(reactor, 0.1, lambda: None)
+        assert len(served.factory.made) == 1  # no attempt before its time
+        clock.advance(0.1)
+        await eventually(reactor, lambda: session.connection is not None)
+        assert len(served.factory.made) == 2
+        assert served.registry.countOf("alice") == 1
+        assert not stopped.called
+    finally:
+        await session.stop()
+    assert clock.getDelayedCalls() == []

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sys
 import time
 import weakref
@@ -40,7 +41,15 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 
 from pbrealms.addresses import isLocal
-from pbrealms.errors import LoginFailed, ServerBusy, ShuttingDown, TooManyConnections, localize
+from pbrealms.errors import (
+    LoginFailed,
+    ServerBusy,
+    ShuttingDown,
+    SourcePenalised,
+    TooManyConnections,
+    localize,
+)
+from pbrealms.options import Options as BaseOptions
 
 DEFAULT_CONNECT = "tcp:127.0.0.1:8787"
 DEFAULT_TIMEOUT = 10.0
@@ -217,6 +226,127 @@ class ClientMind(pb.Referenceable):
         self.onKicked(reason)
 
 
+class TLSFailed(error.ConnectError):
+    """
+    The TLS handshake with the server failed, so no PB message was exchanged.
+    Trying again would fail the same way until the certificate or the
+    client's trust changes.
+
+    @ivar problem: C{"untrusted"} (the certificate's chain does not lead to
+        an authority the client trusts, or it expired), C{"name"} (it is
+        not for the host name connected to), or C{"handshake"} (anything
+        else, e.g. the server does not speak TLS).
+    @ivar detail: OpenSSL's or service_identity's words.
+    """
+
+    def __init__(self, problem: str, detail: str) -> None:
+        super().__init__(string=f"TLS {problem}: {detail}")
+        self.problem = problem
+        self.detail = detail
+
+
+class ClosedBeforeLogin(error.ConnectError):
+    """
+    The server closed the connection before it answered the login: what a
+    pbrealms server does at accept when it holds as many connections as it
+    allows (C{--max-connections}, C{--max-unauthenticated-per-source}).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(string="the server closed the connection before answering the login")
+
+
+class _ClientBroker(pb.Broker):
+    """
+    PB's client broker, remembering why its connection was lost: PB tells
+    C{notifyOnDisconnect} callbacks nothing, and a failed TLS handshake
+    is told only there.
+    """
+
+    lostReason: Failure | None = None
+    verifyError: str | None = None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lostReason = reason
+        self.verifyError = _verifyError(self.transport)
+        super().connectionLost(reason)
+
+
+class _ClientFactory(pb.PBClientFactory):
+    protocol = _ClientBroker
+
+
+def _verifyError(transport: object) -> str | None:
+    """
+    OpenSSL's reason for refusing the peer's certificate on C{transport}
+    (e.g. "self-signed certificate"), or L{None}.  pyOpenSSL has no public
+    call for it, so this is best effort.
+    """
+    connection = getattr(transport, "_tlsConnection", None)
+    if connection is None:
+        return None
+    try:
+        from OpenSSL._util import ffi, lib
+
+        code = lib.SSL_get_verify_result(connection._ssl)
+        if code == 0:  # X509_V_OK
+            return None
+        return ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
+    except Exception:
+        return None
+
+
+def _closedBeforeLogin(broker: pb.Broker) -> Exception:
+    """
+    Why C{broker}'s connection closed before the login was answered.
+    """
+    reason = getattr(broker, "lostReason", None)
+    if reason is not None and not reason.check(error.ConnectionDone, error.ConnectionLost):
+        try:
+            from OpenSSL import SSL
+            from service_identity import VerificationError
+        except ImportError:  # without Twisted's tls extra, no TLS either
+            return ClosedBeforeLogin()
+        if reason.check(VerificationError):
+            return TLSFailed("name", _mismatch(reason.value))
+        if reason.check(SSL.Error):
+            detail = _sslText(reason.value)
+            if "certificate verify failed" in detail:
+                verify = getattr(broker, "verifyError", None)
+                return TLSFailed("untrusted", f"{detail}: {verify}" if verify else detail)
+            return TLSFailed("handshake", detail)
+    return ClosedBeforeLogin()
+
+
+def _mismatch(e: Exception) -> str:
+    """
+    The names a service_identity C{VerificationError} says the certificate
+    is not for, e.g. C{"localhost"}.
+    """
+    names = []
+    for mismatch in getattr(e, "errors", []):
+        found = getattr(getattr(mismatch, "mismatched_id", None), "hostname", None)
+        if found is None:
+            found = getattr(getattr(mismatch, "mismatched_id", None), "ip", None)
+        if isinstance(found, bytes):
+            found = found.decode("ascii", "replace")
+        if found is not None:
+            names.append(str(found))
+    return _printable(", ".join(names) or str(e))
+
+
+def _sslText(e: Exception) -> str:
+    """
+    The reasons of an L{OpenSSL.SSL.Error}, which holds a list of (library,
+    function, reason) triples, as one line.
+    """
+    reasons = []
+    for entry in e.args[0] if e.args and isinstance(e.args[0], list) else []:
+        if isinstance(entry, tuple) and entry:
+            reasons.append(str(entry[-1]))
+    return _printable("; ".join(reasons) or str(e) or type(e).__name__)
+
+
 async def connect(
     reactor: IReactorTime,
     endpoint: str | Any,
@@ -242,10 +372,14 @@ async def connect(
         is also an L{UnauthorizedLogin}, and its subclasses
         L{pbrealms.errors.BadCredentials} and L{TooManyConnections} tell why.
     @raise defer.TimeoutError: if it took longer than C{timeout}.
+    @raise TLSFailed: if the TLS handshake failed, e.g. on a certificate
+        that is not trusted.
+    @raise ClosedBeforeLogin: if the server closed the connection before
+        answering the login.
     """
     if isinstance(endpoint, str):
         endpoint = endpoints.clientFromString(reactor, endpoint)
-    factory = pb.PBClientFactory()
+    factory = _ClientFactory()
 
     async def attempt() -> pb.RemoteReference:
         broker = await endpoint.connect(factory)
@@ -256,8 +390,7 @@ async def connect(
         def closed() -> None:
             # PB's factory would wait for its root object for ever.
             if not outcome.called:
-                reason = error.ConnectError(string="the server closed the connection")
-                outcome.errback(reason)
+                outcome.errback(_closedBeforeLogin(broker))
 
         broker.notifyOnDisconnect(closed)
         return await outcome
@@ -286,13 +419,15 @@ def retryable(reason: Failure) -> bool:
     again later makes sense: the server could not be reached, timed out or
     closed the connection, already has as many sessions of the user as it
     allows, is too busy to check the password now, is shutting down (and will
-    come back), or failed on its side.
+    come back), refuses this address for a while after too many failed logins
+    (see L{penaltySeconds}), or failed on its side.
     A refused login (a wrong password, a client the realm cannot serve) would
-    be refused again, and nothing else is known to pass.
+    be refused again, and so would a TLS handshake that failed (L{TLSFailed});
+    nothing else is known to pass.
     """
-    if reason.check(TooManyConnections, ServerBusy, ShuttingDown, LoginFailed):
+    if reason.check(TooManyConnections, ServerBusy, ShuttingDown, SourcePenalised, LoginFailed):
         return True
-    if reason.check(UnauthorizedLogin):
+    if reason.check(UnauthorizedLogin, TLSFailed):
         return False
     transient = (
         error.ConnectError,
@@ -305,6 +440,21 @@ def retryable(reason: Failure) -> bool:
     return reason.check(*transient) is not None
 
 
+def penaltySeconds(reason: Failure) -> float | None:
+    """
+    The seconds after which the server said it will hear this address again,
+    if C{reason} is its L{SourcePenalised} refusal; otherwise L{None}.
+    """
+    if not reason.check(SourcePenalised):
+        return None
+    seconds = getattr(reason.value, "seconds", None)
+    if isinstance(seconds, int | float):
+        return float(seconds)
+    # What crosses the wire is the message only.
+    found = re.search(r"try again in (\d+(?:\.\d+)?) s", str(reason.value))
+    return float(found.group(1)) if found else None
+
+
 class ReconnectingSession:
     """
     A login that stays logged in: whenever the connection is lost, or an
@@ -314,11 +464,17 @@ class ReconnectingSession:
     of its length, so that the clients of a server that restarts do not all
     come back at once.
 
+    When the server refuses this address for a while after too many failed
+    logins (L{pbrealms.errors.SourcePenalised}), the next attempt waits at
+    least as long as it said: an attempt before would only be refused again.
+
     It stops for good when told to (L{stop}), when the login is refused for
     good (L{pbrealms.errors.BadCredentials} and the other refusals but
-    L{TooManyConnections}, L{ServerBusy} and L{ShuttingDown}), and when the
-    server kicks the session because a newer login of the same user replaced it
-    (L{Kicked}): logging in again would kick the newer one in turn.
+    L{TooManyConnections}, L{ServerBusy}, L{ShuttingDown} and
+    L{pbrealms.errors.SourcePenalised}), when the TLS handshake fails
+    (L{TLSFailed}), and when the server kicks the session because a newer
+    login of the same user replaced it (L{Kicked}): logging in again would
+    kick the newer one in turn.
 
     @ivar connection: the current L{Connection}, or L{None} while it is not
         logged in.
@@ -474,7 +630,7 @@ class ReconnectingSession:
         if self._stopping:
             return  # cancelled by stop()
         if retryable(reason):
-            self._retryLater(reason)
+            self._retryLater(reason, atLeast=penaltySeconds(reason) or 0.0)
         else:
             self._finish(reason)
 
@@ -490,9 +646,10 @@ class ReconnectingSession:
         else:
             self._retryLater(Failure(error.ConnectionLost("the connection was lost")))
 
-    def _retryLater(self, reason: Failure) -> None:
+    def _retryLater(self, reason: Failure, atLeast: float = 0.0) -> None:
         delay = self._delay * (1 + min(max(self._jitter(), 0.0), 1.0)) / 2
         self._delay = min(self.maxDelay, self._delay * self.factor)
+        delay = max(delay, atLeast)
         self._retry = self.reactor.callLater(delay, self._attemptNow)
         if self._onLost is not None:
             self._onLost(reason, delay)
@@ -538,8 +695,43 @@ EXIT_KICKED = 7
 EXIT_BUSY = 8
 
 
-class GreetOptions(usage.Options):
-    synopsis = "Usage: pbrealms-client [options] greet [--count N]"
+def _noPasswordOption(name: str) -> usage.UsageError:
+    # The value is not repeated: it may be the password itself.
+    return usage.UsageError(
+        f"{name}: the password never goes on the command line (ps shows it to every "
+        "user): give --password-file FILE or set PBREALMS_PASSWORD"
+    )
+
+
+class _CommandOptions(BaseOptions):
+    """
+    The options of one command of C{pbrealms-client}.  Its C{synopsis} is
+    its whole usage line: Twisted's would put the parent's in front of it.
+    """
+
+    synopsis: str
+
+    def getSynopsis(self) -> str:
+        return self.synopsis
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        for argument in sys.argv[1:] if options is None else options:
+            if argument == "--":
+                break
+            name = argument.partition("=")[0]
+            if len(name) > 2 and "--password".startswith(name):
+                raise _noPasswordOption(name)
+        super().parseOptions(options)
+
+    def parseArgs(self, *extra: str) -> None:
+        if extra:
+            command = self.parent.subCommand if self.parent is not None else "the command"
+            words = " ".join(repr(e) for e in extra)
+            raise usage.UsageError(f"{command} takes no arguments, but was given {words}")
+
+
+class GreetOptions(_CommandOptions):
+    synopsis = "Usage: pbrealms-client --user NAME [options] greet [--count N]"
     optParameters = [["count", "n", 1, "How many greetings to ask for.", int]]
 
     def postOptions(self) -> None:
@@ -547,12 +739,12 @@ class GreetOptions(usage.Options):
             raise usage.UsageError("--count must be 1 or more")
 
 
-class StatusOptions(usage.Options):
-    synopsis = "Usage: pbrealms-client [options] status"
+class StatusOptions(_CommandOptions):
+    synopsis = "Usage: pbrealms-client --user NAME [options] status"
 
 
-class ClockOptions(usage.Options):
-    synopsis = "Usage: pbrealms-client [options] clock [--period SECONDS] [--ticks K]"
+class ClockOptions(_CommandOptions):
+    synopsis = "Usage: pbrealms-client --user NAME [options] clock [--period SECONDS] [--ticks K]"
     optParameters = [
         ["period", None, None, "Ask the server for this push period, in seconds.", float],
         ["ticks", "k", None, "Stop after K times. [default: run until interrupted]", int],
@@ -563,8 +755,8 @@ class ClockOptions(usage.Options):
             raise usage.UsageError("--ticks must be 1 or more")
 
 
-class WatchOptions(usage.Options):
-    synopsis = "Usage: pbrealms-client [options] watch [--period SECONDS] [--count N]"
+class WatchOptions(_CommandOptions):
+    synopsis = "Usage: pbrealms-client --user NAME [options] watch [--period SECONDS] [--count N]"
     longdesc = (
         "Stay logged in, logging in again whenever the connection is lost, and print "
         "every push of the server as one line: the time, greetings and sessions of "
@@ -589,18 +781,19 @@ class WatchOptions(usage.Options):
             raise usage.UsageError("--count must be 1 or more")
 
 
-class ClientOptions(usage.Options):
+class ClientOptions(BaseOptions):
     synopsis = (
         "Usage: pbrealms-client --user NAME [--password-file FILE] [--connect ENDPOINT] "
         "COMMAND [options]"
     )
     longdesc = (
-        "Log in to a pbrealms server and call it. The password is read from "
-        "--password-file or from the PBREALMS_PASSWORD environment variable, "
-        "never from the command line. Exit status: 0 success, 1 error, 2 bad "
-        "usage, 3 login refused, 4 too many connections, 5 cannot connect, "
-        "6 timed out, 7 kicked (a newer login of the user replaced this one), "
-        "8 server busy (the password was not checked: try again in a moment)."
+        "Log in to a pbrealms server and call it; COMMAND --help tells a command's own "
+        "options. The password is read from --password-file or from the "
+        "PBREALMS_PASSWORD environment variable, never from the command line. "
+        "Interrupted (Ctrl-C, SIGTERM), a command logs out and exits 0. Exit status: "
+        "0 success, 1 error, 2 bad usage, 3 login refused, 4 too many connections, "
+        "5 cannot connect, 6 timed out, 7 kicked (a newer login of the user replaced "
+        "this one), 8 server busy (the password was not checked: try again in a moment)."
     )
     optParameters = [
         ["connect", "c", DEFAULT_CONNECT, "The server, as a Twisted client endpoint description."],
@@ -640,6 +833,20 @@ class ClientOptions(usage.Options):
             "Stay connected, reconnecting, and print every push of the server.",
         ],
     ]
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            # --password=... is refused as a prefix of --password-file: say
+            # why there is no such option.  Its value is not repeated: it may
+            # be the password itself.
+            given = re.fullmatch(
+                r"(--[\w-]+): give the whole option name \(--password-file\)", str(e)
+            )
+            if given is None or not "--password".startswith(given.group(1)):
+                raise
+            raise _noPasswordOption(given.group(1)) from None
 
     def postOptions(self) -> None:
         if self.subCommand is None:
@@ -702,23 +909,65 @@ class CommandFailed(Exception):
         self.status = status
 
 
-def explain(reason: Failure, where: str, timeout: float) -> CommandFailed:
+def explain(
+    reason: Failure, where: str, timeout: float, caFile: str | None = None
+) -> CommandFailed:
     """
     One line and an exit status for a failure to connect, log in or call.
+
+    @param caFile: the C{--ca-file} given, if any, for the advice on a TLS
+        certificate that is not trusted.
     """
     if reason.check(TooManyConnections):
         return CommandFailed(f"login refused: {reason.getErrorMessage()}", EXIT_TOO_MANY)
     if reason.check(ServerBusy):
         return CommandFailed(f"server busy: {reason.getErrorMessage()}", EXIT_BUSY)
+    if reason.check(SourcePenalised):
+        return CommandFailed(
+            f"login refused: {_printable(reason.getErrorMessage())} (every failed login from "
+            "this address adds to the wait: check the user name and password first)",
+            EXIT_REFUSED,
+        )
     if reason.check(UnauthorizedLogin):
         return CommandFailed(f"login refused: {reason.getErrorMessage()}", EXIT_REFUSED)
     if reason.check(defer.TimeoutError, defer.CancelledError):
         return CommandFailed(f"timed out after {timeout:g} s connecting to {where}", EXIT_TIMEOUT)
+    if reason.check(TLSFailed):
+        return CommandFailed(_tlsAdvice(reason.value, where, caFile), EXIT_UNREACHABLE)
+    if reason.check(ClosedBeforeLogin):
+        return CommandFailed(
+            f"cannot connect to {where}: the server closed the connection before answering "
+            "the login (it may hold as many connections as it allows, or be refusing this "
+            "address; its log says which)",
+            EXIT_UNREACHABLE,
+        )
     if reason.check(error.ConnectError, error.DNSLookupError):
         return CommandFailed(f"cannot connect to {where}: {_why(reason)}", EXIT_UNREACHABLE)
     if reason.check(pb.PBConnectionLost, error.ConnectionLost, error.ConnectionDone):
         return CommandFailed(f"lost the connection to {where}", EXIT_ERROR)
     return CommandFailed(f"the server answered: {reason.getErrorMessage()}", EXIT_ERROR)
+
+
+def _tlsAdvice(failed: TLSFailed, where: str, caFile: str | None) -> str:
+    """
+    What went wrong in the TLS handshake with C{where}, and what to do.
+    """
+    if failed.problem == "untrusted":
+        head = f"the TLS certificate of {where} is not trusted ({failed.detail})"
+        if "expired" in failed.detail or "not yet valid" in failed.detail:
+            return f"{head}: the server needs a valid certificate"
+        if caFile is not None:
+            return f"{head}: --ca-file {caFile} is not the authority that signed it"
+        return f"{head}: give --ca-file with the authority that signed it"
+    if failed.problem == "name":
+        return (
+            f"the TLS certificate of {where} is not issued for {failed.detail}: "
+            "give --connect the host name it is issued for"
+        )
+    return (
+        f"the TLS handshake with {where} failed ({failed.detail}): "
+        "check that the server serves TLS on that port"
+    )
 
 
 def _why(reason: Failure) -> str:
@@ -744,18 +993,71 @@ def _kicked(reason: str) -> CommandFailed:
     return CommandFailed(f"kicked: {_printable(reason)}", EXIT_KICKED)
 
 
+class _Interruption:
+    """
+    Whether the reactor began to shut down (Ctrl-C, SIGTERM) while a command
+    ran, and what the command does about it first: log out, rather than see
+    its connection lost at the shutdown and report that as a failure.
+
+    @ivar happened: whether the shutdown began.
+    @ivar onInterrupt: called when it does; a L{Deferred} it returns delays
+        the shutdown until it fires.
+    """
+
+    def __init__(self, reactor: IReactorCore) -> None:
+        self.reactor = reactor
+        self.happened = False
+        self.onInterrupt: Callable[[], object] = lambda: None
+        self._trigger: object | None = reactor.addSystemEventTrigger(
+            "before", "shutdown", self._interrupted
+        )
+
+    def _interrupted(self) -> object:
+        self.happened = True
+        self._trigger = None
+        return self.onInterrupt()
+
+    def remove(self) -> None:
+        """
+        Stop watching for the shutdown.
+        """
+        if self._trigger is not None:
+            self.reactor.removeSystemEventTrigger(self._trigger)
+            self._trigger = None
+
+
 async def run(
     reactor: IReactorCore, options: ClientOptions, out=sys.stdout, err=sys.stderr
 ) -> None:
     """
     Run the command in C{options}, printing its output to C{out} and, for
-    C{watch}, what happens to the connection to C{err}.
+    C{watch}, what happens to the connection to C{err}.  If the reactor
+    shuts down meanwhile (the command was interrupted), it logs out and
+    returns.
 
     @raise CommandFailed: with the line to print and the exit status.
     """
+    interruption = _Interruption(reactor)
+    try:
+        if options.subCommand == "watch":
+            await watch(reactor, options, out, err, interruption)
+        else:
+            await _call(reactor, options, out, interruption)
+    except CommandFailed:
+        if not interruption.happened:
+            raise
+    finally:
+        interruption.remove()
+
+
+async def _call(
+    reactor: IReactorCore, options: ClientOptions, out, interruption: _Interruption
+) -> None:
+    """
+    The commands that log in once: C{greet}, C{status} and C{clock}.
+    """
     command, sub = options.subCommand, options.subOptions
-    if command == "watch":
-        return await watch(reactor, options, out, err)
+    where, caFile = options["connect"], options["ca-file"]
     done: defer.Deferred[None] = defer.Deferred()
     ticks = 0
 
@@ -772,8 +1074,8 @@ async def run(
             done.errback(CommandFailed(f"the server stopped: {reason}", EXIT_ERROR))
 
     mind = ClientMind(onTime if command == "clock" else _ignore, onShutdown)
-    try:
-        conn = await connect(
+    connecting = defer.ensureDeferred(
+        connect(
             reactor,
             options["endpoint"],
             options["user"],
@@ -782,8 +1084,15 @@ async def run(
             options["timeout"],
             sendPassword=True if options["tls"] else None,
         )
+    )
+    interruption.onInterrupt = connecting.cancel
+    try:
+        conn = await connecting
     except Exception:
-        raise explain(Failure(), options["connect"], options["timeout"]) from None
+        if interruption.happened:
+            return
+        raise explain(Failure(), where, options["timeout"], caFile) from None
+    interruption.onInterrupt = conn.disconnect
     try:
         if command == "greet":
             for _ in range(sub["count"]):
@@ -803,15 +1112,23 @@ async def run(
     except CommandFailed:
         raise
     except Exception:
+        if interruption.happened:
+            return  # logged out: what was under way failed with the connection
         # A kick is told before the connection closes, failing what was under way.
         if conn.kicked is not None:
             raise _kicked(conn.kicked) from None
-        raise explain(Failure(), options["connect"], options["timeout"]) from None
+        raise explain(Failure(), where, options["timeout"], caFile) from None
     finally:
         await conn.disconnect()
 
 
-async def watch(reactor: IReactorCore, options: ClientOptions, out, err) -> None:
+async def watch(
+    reactor: IReactorCore,
+    options: ClientOptions,
+    out,
+    err,
+    interruption: _Interruption | None = None,
+) -> None:
     """
     The C{watch} command: a L{ReconnectingSession} printing every push to
     C{out}, one line each, and what happens to the connection to C{err}.
@@ -821,6 +1138,7 @@ async def watch(reactor: IReactorCore, options: ClientOptions, out, err) -> None
     @raise CommandFailed: when the session gives up: kicked, or refused.
     """
     sub, where = options.subOptions, options["connect"]
+    caFile = options["ca-file"]
     finished: defer.Deferred[None] = defer.Deferred()
     shown = 0
 
@@ -852,7 +1170,7 @@ async def watch(reactor: IReactorCore, options: ClientOptions, out, err) -> None
                 await conn.callRemote("setperiod", sub["period"])
 
     def lost(reason: Failure, delay: float) -> None:
-        why = explain(reason, where, options["timeout"])
+        why = explain(reason, where, options["timeout"], caFile)
         print(f"{why}; reconnecting in {delay:.1f} s", file=err, flush=True)
 
     watching = ReconnectingSession(
@@ -871,23 +1189,19 @@ async def watch(reactor: IReactorCore, options: ClientOptions, out, err) -> None
         lambda reason: finished.called or finished.errback(reason),
     )
     # Interrupted: log out, rather than see the connection lost and retry.
-    interrupted = False
-
-    def shuttingDown() -> defer.Deferred[None]:
-        nonlocal interrupted
-        interrupted = True
-        return watching.stop()
-
-    trigger = reactor.addSystemEventTrigger("before", "shutdown", shuttingDown)
+    ownInterruption = interruption is None
+    if interruption is None:
+        interruption = _Interruption(reactor)
+    interruption.onInterrupt = watching.stop
     try:
         await finished
     except Kicked as e:
         raise _kicked(e.reason) from None
     except Exception:
-        raise explain(Failure(), where, options["timeout"]) from None
+        raise explain(Failure(), where, options["timeout"], caFile) from None
     finally:
-        if not interrupted:
-            reactor.removeSystemEventTrigger(trigger)
+        if ownInterruption:
+            interruption.remove()
         await watching.stop()
 
 

@@ -22,11 +22,12 @@ import bcrypt
 from twisted.python import usage
 
 from pbrealms.checkers import stripBOM
+from pbrealms.options import Options
 
 DEFAULT_ROUNDS = 12
 
 
-class PasswdOptions(usage.Options):
+class PasswdOptions(Options):
     synopsis = "Usage: pbrealms-passwd [--rounds N] FILE USER"
     longdesc = (
         "Add USER to the password file FILE, or change its password, storing a bcrypt "
@@ -37,7 +38,13 @@ class PasswdOptions(usage.Options):
         ["rounds", None, DEFAULT_ROUNDS, "bcrypt's cost: each one more doubles the work.", int]
     ]
 
-    def parseArgs(self, path: str, user: str) -> None:
+    def parseArgs(self, *arguments: str) -> None:
+        if len(arguments) < 2:
+            raise usage.UsageError("give the password file and the user name: FILE USER")
+        if len(arguments) > 2:
+            extra = " ".join(repr(a) for a in arguments[2:])
+            raise usage.UsageError(f"too many arguments: {extra} after FILE USER")
+        path, user = arguments
         if not user or user.startswith("#") or any(c.isspace() or c == ":" for c in user):
             raise usage.UsageError(
                 f"user name {user!r} is empty, starts with '#' or has a space or ':'"

@@ -11,13 +11,14 @@ C{listening on 127.0.0.1:PORT}, once listening, logs nothing else, and exits
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from twisted.cred import checkers, portal
 from twisted.internet import reactor, task
 from twisted.spread import pb
 from zope.interface import implementer
+
+from pbrealms.bench import ArgumentParser, number, wholeNumber
 
 
 class CachedAvatar(pb.Avatar):
@@ -75,12 +76,14 @@ def main() -> None:
     """
     Parse the command line and serve until signalled.
     """
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--port", type=int, default=0)
+    parser = ArgumentParser(
+        prog="python -m pbrealms.bench.baseline", description=__doc__.strip().splitlines()[0]
+    )
+    parser.add_argument("--port", type=wholeNumber, default=0)
     parser.add_argument("--user", default="bench")
     parser.add_argument("--password", default="bench")
     parser.add_argument("--realm", choices=["cache", "clock"], default="cache")
-    parser.add_argument("--period", type=float, default=1.0)
+    parser.add_argument("--period", type=number, default=1.0)
     args = parser.parse_args()
 
     checker = checkers.InMemoryUsernamePasswordDatabaseDontUse()

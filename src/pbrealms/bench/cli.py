@@ -39,6 +39,7 @@ from typing import Any
 
 from twisted.python import usage
 
+from pbrealms.options import Options
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD
 
 EXIT_FAILED = 1
@@ -339,7 +340,7 @@ WORKLOADS: dict[str, Workload] = {
 # Options
 
 
-class BenchOptions(usage.Options):
+class BenchOptions(Options):
     """
     The options of C{pbrealms-bench}.
     """
@@ -359,7 +360,9 @@ class BenchOptions(usage.Options):
         "--realm=cache and a password file holding bench:bench and user0:pw0 ... "
         "userN-1:pwN-1 (N = --users) for greet, logins, storm and held; "
         "--realm=clock --period P for clock; --realm=sessions for fanout; and raise its "
-        "--max-connections and --max-unauthenticated-per-source for storm and held."
+        "--max-connections and --max-unauthenticated-per-source for storm and held. "
+        "It writes no file but those --json, --plot and --logs name, and removes its "
+        "temporary files (password files, the servers' output) when it ends, however it ends."
     )
     optParameters = [
         ["only", None, ",".join(WORKLOADS), "The workloads to run, comma-separated."],
@@ -368,7 +371,7 @@ class BenchOptions(usage.Options):
             None,
             None,
             "HOST:PORT of a running pbrealms server to measure instead of starting one "
-            "(see above for how it must run). The baseline is still started.",
+            "(see below for how it must run). The baseline is still started.",
         ],
         [
             "server-pid",
@@ -388,6 +391,13 @@ class BenchOptions(usage.Options):
             None,
             "Also run clock and held at each --scale size and draw the curves to this PNG "
             "file (needs matplotlib: pip install 'pbrealms[bench]').",
+        ],
+        [
+            "logs",
+            None,
+            None,
+            "Keep the output of every server it starts in this directory, as "
+            "KIND-WORKLOAD.out. [default: none is kept]",
         ],
         [
             "scale",
@@ -466,6 +476,8 @@ class BenchOptions(usage.Options):
         for name in ("json", "plot"):
             if self[name] is not None and not Path(self[name]).parent.resolve().is_dir():
                 raise usage.UsageError(f"--{name} {self[name]}: no such directory")
+        if self["logs"] is not None and not Path(self["logs"]).is_dir():
+            raise usage.UsageError(f"--logs {self['logs']}: no such directory")
         if self["plot"] is not None:
             try:
                 import matplotlib  # noqa: F401
@@ -662,6 +674,9 @@ def server(
         stopProcess(process)
         if process.returncode not in (0, -signal.SIGTERM):
             progress(f"{workload.name}: {kind} server exited with status {process.returncode}")
+        if options.get("logs") is not None:
+            with contextlib.suppress(OSError):
+                shutil.copyfile(log, Path(options["logs"]) / log.name)
 
 
 def waitForPort(process: subprocess.Popen, log: Path, listening: re.Pattern) -> int:
@@ -1015,21 +1030,26 @@ def bench(options: Mapping[str, Any]) -> dict[str, Any]:
     that is printed and written to --json.
     """
     report: dict[str, Any] = {"machine": machineInfo(), "workloads": {}, "rows": []}
-    work = Path(tempfile.mkdtemp(prefix="pbrealms-bench-"))
-    try:
-        for name in options["only"]:
-            workload = WORKLOADS[name]
-            results = runWorkload(workload, options, work)
-            report["workloads"][name] = results
-            report["rows"].extend(evaluate(workload, results, options))
-        if options["plot"] is not None:
-            report["scaling"] = runScaling(options, work)
-    finally:
-        killLeftovers()
-        if failures(report):
-            progress(f"the servers' logs are kept in {work}")
+    # The password files and the servers' output: removed whatever happens
+    # (--logs keeps copies of the output where the user said).
+    with tempfile.TemporaryDirectory(prefix="pbrealms-bench-", ignore_cleanup_errors=True) as w:
+        work = Path(w)
+        try:
+            for name in options["only"]:
+                workload = WORKLOADS[name]
+                results = runWorkload(workload, options, work)
+                report["workloads"][name] = results
+                report["rows"].extend(evaluate(workload, results, options))
+            if options["plot"] is not None:
+                report["scaling"] = runScaling(options, work)
+        finally:
+            # The servers write into the directory until they are gone.
+            killLeftovers()
+    if failures(report):
+        if options.get("logs") is not None:
+            progress(f"the servers' logs are in {options['logs']}")
         else:
-            shutil.rmtree(work, ignore_errors=True)
+            progress("to see what the servers logged, run again with --logs DIR")
     return report
 
 

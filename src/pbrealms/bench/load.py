@@ -54,6 +54,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
+from pbrealms.bench import ArgumentParser, number, wholeNumber
+
 #: Seconds that closing every connection at the end may take.
 CLOSE_GRACE = 3.0
 #: Seconds a held workload lets the server settle before measuring its memory.
@@ -681,7 +683,7 @@ WORKLOADS: dict[str, Callable[[argparse.Namespace, Target, Progress], Awaitable[
 
 
 def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m pbrealms.bench.load",
         description="Run one workload against one PB server; print its figures as JSON.",
     )
@@ -689,24 +691,36 @@ def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connect", required=True, metavar="HOST:PORT")
     parser.add_argument("--user", default="bench")
     parser.add_argument("--password", default="bench")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the workload")
+    parser.add_argument("--timeout", type=number, default=120.0, help="seconds for the workload")
     parser.add_argument(
         "--retry-after",
-        type=float,
+        type=number,
         default=10.0,
         help="seconds after which a login starts over if the server has not spoken on its "
         "connection (not in storm)",
     )
-    parser.add_argument("--server-pid", type=int, help="read the server's memory from /proc")
-    parser.add_argument("--count", type=int, help="greet: 20000; logins: 1000")
-    parser.add_argument("--in-flight", type=int, default=50)
-    parser.add_argument("--concurrency", type=int, help="logins: 50; held, clock, fanout: 200")
-    parser.add_argument("--users", type=int, help="logins: log in as user{i %% N} / pw{i %% N}")
-    parser.add_argument("--clients", type=int, default=3000)
-    parser.add_argument("--sessions", type=int, help="held, clock: 10000; fanout: 1000")
-    parser.add_argument("--period", type=float, default=1.0, help="the clock server's period")
-    parser.add_argument("--duration", type=float, default=30.0)
-    parser.add_argument("--greetings", type=int, default=20)
+    parser.add_argument(
+        "--server-pid",
+        type=wholeNumber,
+        help="read the server's memory from /proc",
+    )
+    parser.add_argument("--count", type=wholeNumber, help="greet: 20000; logins: 1000")
+    parser.add_argument("--in-flight", type=wholeNumber, default=50)
+    parser.add_argument(
+        "--concurrency",
+        type=wholeNumber,
+        help="logins: 50; held, clock, fanout: 200",
+    )
+    parser.add_argument(
+        "--users",
+        type=wholeNumber,
+        help="logins: log in as user{i %% N} / pw{i %% N}",
+    )
+    parser.add_argument("--clients", type=wholeNumber, default=3000)
+    parser.add_argument("--sessions", type=wholeNumber, help="held, clock: 10000; fanout: 1000")
+    parser.add_argument("--period", type=number, default=1.0, help="the clock server's period")
+    parser.add_argument("--duration", type=number, default=30.0)
+    parser.add_argument("--greetings", type=wholeNumber, default=20)
     args = parser.parse_args(argv)
     logins = args.workload == "logins"
     if args.count is None:
