@@ -264,36 +264,14 @@ class _ClientBroker(pb.Broker):
     """
 
     lostReason: Failure | None = None
-    verifyError: str | None = None
 
     def connectionLost(self, reason: Failure) -> None:
         self.lostReason = reason
-        self.verifyError = _verifyError(self.transport)
         super().connectionLost(reason)
 
 
 class _ClientFactory(pb.PBClientFactory):
     protocol = _ClientBroker
-
-
-def _verifyError(transport: object) -> str | None:
-    """
-    OpenSSL's reason for refusing the peer's certificate on C{transport}
-    (e.g. "self-signed certificate"), or L{None}.  pyOpenSSL has no public
-    call for it, so this is best effort.
-    """
-    connection = getattr(transport, "_tlsConnection", None)
-    if connection is None:
-        return None
-    try:
-        from OpenSSL._util import ffi, lib
-
-        code = lib.SSL_get_verify_result(connection._ssl)
-        if code == 0:  # X509_V_OK
-            return None
-        return ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace")
-    except Exception:
-        return None
 
 
 def _closedBeforeLogin(broker: pb.Broker) -> Exception:
@@ -312,8 +290,7 @@ def _closedBeforeLogin(broker: pb.Broker) -> Exception:
         if reason.check(SSL.Error):
             detail = _sslText(reason.value)
             if "certificate verify failed" in detail:
-                verify = getattr(broker, "verifyError", None)
-                return TLSFailed("untrusted", f"{detail}: {verify}" if verify else detail)
+                return TLSFailed("untrusted", detail)
             return TLSFailed("handshake", detail)
     return ClosedBeforeLogin()
 
