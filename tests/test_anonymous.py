@@ -11,7 +11,7 @@ from twisted.internet import task
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
-from pbrealms.errors import AnonymousRefused, localize
+from pbrealms.errors import AnonymousRefused, SourcePenalised, localize
 from pbrealms.guard import SourcePenalties
 
 REFUSED = "anonymous login is not allowed"
@@ -55,20 +55,47 @@ async def test_anonymous_login_is_refused_as_an_unauthorized_login(harness, log)
 
 
 @pytest_twisted.ensureDeferred
-async def test_anonymous_logins_count_against_the_connection_not_the_address(harness, reactor, log):
+async def test_anonymous_logins_count_against_the_connection(harness, reactor, log):
     served = await harness.serve()
     served.root.maxAuthTries = 3
-    served.root.penalties = penalties = SourcePenalties(task.Clock(), perFailure=5, threshold=5)
     factory = connectRaw(harness, served)
     for _ in range(3):
         failure = await refusal(factory.login(Anonymous()))
         assert localize(failure).check(AnonymousRefused)
     (broker,) = served.factory.made
     await eventually(reactor, lambda: broker.disconnected)  # its tries are used up
-    assert penalties.penalty("127.0.0.1") == 0  # no password was guessed
-    lines = [m for m in log.messages() if "anonymous" in m or "failed logins" in m]
+    lines = [m for m in log.messages() if "anonymous" in m or "refused logins" in m]
     assert len(lines) == 2, lines  # the first refusal, and the close
-    assert lines[1].endswith(": 3 failed logins")
-    # The address is not penalised: another connection logs in.
-    other = await served.login("alice")
-    assert await other.callRemote("greet") == "<1>hello alice"
+    peer = f"127.0.0.1:{broker.transport.getPeer().port}"
+    assert lines[1] == f"closing the connection from {peer}: 3 refused logins"
+
+
+@pytest_twisted.ensureDeferred
+async def test_anonymous_logins_penalise_their_address(harness, reactor, log):
+    """
+    Each connection's first anonymous refusal is a log line: were they not
+    failed logins, an address could write two lines per connection for
+    ever.  Three penalise it, as three bad passwords do; then its
+    connections, this one included, are turned away without a line.
+    """
+    served = await harness.serve()
+    served.root.maxAuthTries = 6
+    served.root.penalties = penalties = SourcePenalties(task.Clock())
+    factory = connectRaw(harness, served)
+    for _ in range(3):
+        failure = await refusal(factory.login(Anonymous()))
+        assert localize(failure).check(AnonymousRefused)
+    assert penalties.penalty("127.0.0.1") == 15
+    failure = await refusal(factory.login(Anonymous()))
+    assert localize(failure).check(SourcePenalised)
+    (broker,) = served.factory.made
+    await eventually(reactor, lambda: broker.disconnected)
+    for _ in range(5):
+        failure = await refusal(connectRaw(harness, served).login(Anonymous()))
+        assert localize(failure).check(SourcePenalised)
+    await eventually(reactor, lambda: all(b.disconnected for b in served.factory.made))
+    peer = f"127.0.0.1:{broker.transport.getPeer().port}"
+    assert [m for m in log.messages() if "127.0.0.1" in m and "starting" not in m] == [
+        f"login refused for an anonymous client from {peer} (realm cache): {REFUSED}",
+        "refusing logins from 127.0.0.1 for at least 15 s: too many failed logins",
+    ]

@@ -35,6 +35,15 @@ class CopyableError(pb.Error, pb.Copyable):
     """
 
 
+class Ticked(pb.Referenceable):
+    """
+    A mind for any realm: the clock realm pushes the time to it.
+    """
+
+    def remote_notifyTime(self, now):
+        pass
+
+
 class PickyMind(pb.Referenceable):
     """
     A client object that answers every push with something the server
@@ -192,7 +201,7 @@ async def test_paging_is_refused_with_a_typed_error(harness, log):
 @pytest_twisted.ensureDeferred
 async def test_arity_errors_count_what_the_client_passes(harness, log, realm, method, args, text):
     served = await harness.serve(realm)
-    conn = await served.login("alice", mind=pb.Referenceable())
+    conn = await served.login("alice", mind=Ticked())
     with pytest.raises(BadArguments) as bad:
         await conn.callRemote(method, *args)
     assert str(bad.value) == text
@@ -201,7 +210,7 @@ async def test_arity_errors_count_what_the_client_passes(harness, log, realm, me
 @pytest_twisted.ensureDeferred
 async def test_a_keyword_the_method_lacks_is_named(harness, log):
     served = await harness.serve("clock")
-    conn = await served.login("alice", mind=pb.Referenceable())
+    conn = await served.login("alice", mind=Ticked())
     with pytest.raises(BadArguments) as bad:
         await conn.callRemote("setperiod", secs=2)
     assert str(bad.value) == "setperiod got an unexpected keyword argument 'secs'"

@@ -149,7 +149,7 @@ async def test_a_connection_is_closed_after_its_tries(guarded, reactor, log):
             await loginOn(factory, b"guess")
     await served.settled()
     assert served.factory.made[0].disconnected
-    assert any("127.0.0.3" in m and "3 failed logins" in m for m in log.messages())
+    assert any("127.0.0.3" in m and "3 refused logins" in m for m in log.messages())
     refusals = [m for m in log.messages() if m.startswith("login refused for 'alice' from")]
     assert len(refusals) == 3
     factory.disconnect()
@@ -188,7 +188,7 @@ async def test_a_penalised_source_is_refused_and_others_are_not(guarded, reactor
     assert [m for m in log.messages() if "127.0.0.4" in m] == [
         refusal,
         refusal,
-        "refusing logins from 127.0.0.4 for 15 s: too many failed logins",
+        "refusing logins from 127.0.0.4 for at least 15 s: too many failed logins",
         refusal,
     ]
 

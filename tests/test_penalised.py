@@ -11,14 +11,14 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, error, protocol, task
 from twisted.spread import pb
 
-from pbrealms import login
+from pbrealms import wire
 from pbrealms.errors import SourcePenalised, localize
 from pbrealms.guard import SourcePenalties
 from pbrealms.login import LoginRoot
 
 ATTACKER, CANARY = "127.0.0.4", "127.0.0.2"
 MESSAGE = "too many failed logins from this address: try again in 15 s"
-PENALTY_LINE = f"refusing logins from {ATTACKER} for 15 s: too many failed logins"
+PENALTY_LINE = f"refusing logins from {ATTACKER} for at least 15 s: too many failed logins"
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def penalised(harness, monkeypatch):
     three quick failures already counted.
     """
     # Seconds, not the real 5: the test waits for the silent connections.
-    monkeypatch.setattr(login, "PENALISED_TIMEOUT", 0.5)
+    monkeypatch.setattr(wire, "CLOSE_TIMEOUT", 0.5)
     clock = task.Clock()
     penalties = SourcePenalties(clock)
     for _ in range(3):

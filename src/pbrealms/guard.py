@@ -4,9 +4,9 @@ C{PerSourcePenalties}.
 
 Each failed login from an address adds to that address's penalty, which
 drains in real time.  Once the failures not yet drained reach the threshold,
-the address is penalised until its penalty has drained: its new connections
-are told so at their first login (L{pbrealms.errors.SourcePenalised}) and
-closed.
+the address is penalised until its penalty has drained: its connections,
+new or already open, are told so at their next login
+(L{pbrealms.errors.SourcePenalised}) and closed.
 """
 
 from __future__ import annotations
@@ -95,8 +95,10 @@ class SourcePenalties:
         undrained = math.ceil((until - now - 1e-6) / self.perFailure) * self.perFailure
         if not enforced and undrained >= self.threshold:
             enforced = True
+            # Each further failure lengthens the penalty, up to the maximum:
+            # one line when it begins, saying so.
             _log.info(
-                "refusing logins from {host} for {seconds:.0f} s: too many failed logins",
+                "refusing logins from {host} for at least {seconds:.0f} s: too many failed logins",
                 host=host,
                 seconds=until - now,
             )

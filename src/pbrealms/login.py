@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
+from pbrealms import wire
 from pbrealms.addresses import describeAddress, isLocal, sourceOf
 from pbrealms.checkers import UsernamePasswordFrom
 from pbrealms.descriptors import WaitingRoom
@@ -60,11 +61,6 @@ MAX_CHALLENGES = 4
 
 #: The longest user name a challenge is handed out for: each holds its name.
 MAX_NAME_BYTES = 256
-
-#: Seconds a connection from a penalised address has to make its first call
-#: (and then to read the refusal) before it is aborted: it can only be turned
-#: away, so it must cost little, however many come.
-PENALISED_TIMEOUT = 5.0
 
 
 def _isPrivate(transport) -> bool:
@@ -143,6 +139,9 @@ class LoginRoot:
         return limit is None or self.unauthenticated.get(host, 0) < limit
 
     def rootObject(self, broker: pb.Broker) -> pb.Referenceable:
+        # A closing connection's abort runs on the registry's clock, as the
+        # login's timers do.
+        broker.clock = self.registry.clock
         gate = _LoginGate(self, broker)
         broker.notifyOnDisconnect(gate.gone)
         return gate
@@ -164,11 +163,15 @@ class _LoginGate(_RemoteObject):
         self.challenges = 0
         self._challengesRefused = False
         self._anonymousRefused = False
-        #: The source address, if it was penalised when this connection came:
-        #: its first call is refused with L{SourcePenalised}.
+        #: The source address, if it was penalised when this connection came
+        #: or is being turned away: its first call is refused with
+        #: L{SourcePenalised}, unless the penalty has drained by then.
         self.penalised: str | None = None
+        #: Whether the connection is being closed after a refusal.
+        self.closing = False
         self._host: str | None = None
         self._timeout = None
+        self._accepted = root.registry.clock.seconds()
         if root.loginTimeout is not None:
             self._timeout = root.registry.clock.callLater(root.loginTimeout, self._timedOut)
 
@@ -185,30 +188,69 @@ class _LoginGate(_RemoteObject):
             # the answer.  The address's penalty was logged once when it
             # began; its connections log nothing each, however many come.
             self.penalised = host
+            self.broker.quiet = True  # nor for what it sends
             self._stopTimer()
-            limit = min(PENALISED_TIMEOUT, self.root.loginTimeout or PENALISED_TIMEOUT)
+            timeout = wire.CLOSE_TIMEOUT
+            limit = min(timeout, self.root.loginTimeout or timeout)
             self._timeout = self.root.registry.clock.callLater(limit, self._timedOut)
 
     def remoteMessageReceived(self, broker, message, args, kw):
-        if self.penalised is not None:
-            self._turnAway()
+        if self.penalised is not None and not self.closing:
+            self.checkPenalty()
+            # Drained since the connection came: it is served as any other,
+            # with the rest of its time to log in.
+            self.penalised = None
+            self.broker.quiet = False
+            self._stopTimer()
+            if self.root.loginTimeout is not None:
+                clock = self.root.registry.clock
+                left = self._accepted + self.root.loginTimeout - clock.seconds()
+                self._timeout = clock.callLater(max(0.0, left), self._timedOut)
         return super().remoteMessageReceived(broker, message, args, kw)
 
-    def _turnAway(self) -> NoReturn:
+    def checkPenalty(self) -> None:
         """
-        Answer the first call of a connection from a penalised address with
-        L{SourcePenalised}, act on nothing else it sends, and close it once
-        the answer is written.
+        Turn this connection away if its address is penalised now: checked
+        at every login, since connections opened before the penalty began
+        would otherwise keep all their tries.
+
+        @raise SourcePenalised: if it is.
         """
+        penalties = self.root.penalties
+        if penalties is None:
+            return
+        host = sourceOf(self.broker.transport.getPeer())
+        left = penalties.penalty(host)
+        if left:
+            self._turnAway(host, left)
+
+    def _turnAway(self, host: str, left: float) -> NoReturn:
+        """
+        Answer a login from a penalised address with L{SourcePenalised}, act
+        on nothing else the connection sends, log nothing for it (the
+        penalty was logged once when it began), and close it once the answer
+        is written.
+        """
+        self.penalised = host
+        self.broker.quiet = True
+        self._closeAfterAnswer()
+        self.root.registry.metrics.logins.labels("refused").inc()
+        raise SourcePenalised(left)
+
+    def _closeAfterAnswer(self) -> None:
+        """
+        Read nothing more (what has arrived included), and close once the
+        answer being sent has been written; the broker aborts the connection
+        if that takes more than L{wire.CLOSE_TIMEOUT}.
+        """
+        if self.closing:
+            return
+        self.closing = True
         ignoreInput = getattr(self.broker, "ignoreInput", None)
         if ignoreInput is not None:
             ignoreInput()
-        close = getattr(self.broker, "closeGracefully", self.broker.transport.loseConnection)
+        close = getattr(self.broker, "closeAfterAnswer", self.broker.transport.loseConnection)
         self.root.registry.clock.callLater(0, close)
-        self.root.registry.metrics.logins.labels("refused").inc()
-        penalties = self.root.penalties
-        left = penalties.penalty(self.penalised) if penalties is not None else 0.0
-        raise SourcePenalised(left)
 
     def _authenticated(self) -> None:
         host, self._host = self._host, None
@@ -273,37 +315,32 @@ class _LoginGate(_RemoteObject):
         self._authenticated()
         self._stopTimer()
 
-    def failed(self, penalise: bool = True) -> None:
+    def failed(self) -> None:
         """
-        Count a failed login: against the source (unless not C{penalise}),
-        and against the connection, which is closed once it has had its
-        tries.
+        Count a failed login: against the source, and against the
+        connection, which is closed once it has had its tries.
         """
         self.failures += 1
         penalties = self.root.penalties
-        if penalise and penalties is not None:
+        if penalties is not None:
             penalties.failed(sourceOf(self.broker.transport.getPeer()))
         limit = self.root.maxAuthTries
         if limit is not None and self.failures == limit and not self.broker.disconnected:
             _log.info(
-                "closing the connection from {peer}: {count} failed logins",
+                "closing the connection from {peer}: {count} refused logins",
                 peer=self.peer,
                 count=self.failures,
             )
-            # Read nothing more (guesses already received included), and close
-            # once the refusal has been written.
-            ignoreInput = getattr(self.broker, "ignoreInput", None)
-            if ignoreInput is not None:
-                ignoreInput()
-            close = getattr(self.broker, "closeGracefully", self.broker.transport.loseConnection)
-            self.root.registry.clock.callLater(0, close)
+            # Guesses already received are not acted on either.
+            self._closeAfterAnswer()
 
     def _timedOut(self) -> None:
         self._timeout = None  # stopped on a login: this one has none
         if self.broker.disconnected:
             return
-        if self.penalised is not None:
-            # Turned away or about to be: nothing to log for each of them.
+        if self.penalised is not None or self.closing:
+            # Turned away, about to be, or closing after a refusal that was
+            # logged: nothing more to say for each of them.
             self.broker.transport.abortConnection()
         else:
             _log.info(
@@ -326,6 +363,7 @@ class _LoginGate(_RemoteObject):
             challenges, or the name is longer than L{MAX_NAME_BYTES}.  Neither
             counts as a failed login: no password was tried.
         """
+        self.checkPenalty()
         if isinstance(username, str):
             username = username.encode("utf-8")
         if not isinstance(username, bytes):
@@ -357,10 +395,12 @@ class _LoginGate(_RemoteObject):
         a portal without an anonymous checker does: every session belongs to
         a user.
 
-        It counts against the connection's C{maxAuthTries}, so that a client
-        cannot ask for ever, but not against its address: no password was
-        guessed.  Logged once per connection.
+        It counts as a failed login, against the connection's
+        C{maxAuthTries} and against its address: no password was guessed,
+        but each connection's refusal is a log line, and a penalised address
+        makes none.  Logged once per connection.
         """
+        self.checkPenalty()
         refusal = AnonymousRefused()
         self.root.registry.metrics.logins.labels("refused").inc()
         if not self._anonymousRefused:
@@ -371,7 +411,7 @@ class _LoginGate(_RemoteObject):
                 realm=self.root.registry.realm,
                 error=str(refusal),
             )
-        self.failed(penalise=False)
+        self.failed()
         raise refusal
 
     def remote_loginPassword(
@@ -381,6 +421,7 @@ class _LoginGate(_RemoteObject):
         Log in with the password itself, which the checker can compare with a
         bcrypt hash; offered only where nobody else can read it.
         """
+        self.checkPenalty()
         if not _isPrivate(self.broker.transport):
             raise InsecureLogin()
         if isinstance(username, str):
@@ -425,6 +466,9 @@ class _Challenger(_RemoteObject):
         # sessions from one login.
         if self.used or not isinstance(response, bytes):
             raise BadCredentials()
+        # Before the password is checked: the challenge may have been handed
+        # out before the address's penalty began.
+        self.gate.checkPenalty()
         self.used = True
         self.response = response
         # Anything but a reference to a client object is no mind at all.

@@ -576,6 +576,10 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             raise usage.UsageError(text) from None
 
 
+#: Examples for the kinds of endpoint a TCP example would mislead about.
+_EXAMPLES = {"unix": "unix:/run/pbrealms/pb.sock"}
+
+
 def endpointError(description: str, error: Exception) -> str:
     """
     What is wrong with an endpoint description, for a person, from what
@@ -584,7 +588,8 @@ def endpointError(description: str, error: Exception) -> str:
     """
     kind = description.split(":", 1)[0]
     text = str(error)
-    expected = "; expected e.g. tcp:8787:interface=127.0.0.1 (see Twisted's endpoint syntax)"
+    example = _EXAMPLES.get(kind, DEFAULT_PORT)
+    expected = f"; expected e.g. {example} (see Twisted's endpoint syntax)"
     number = re.fullmatch(r"invalid literal for int\(\) with base (\d+): (.*)", text)
     if number:
         what = "an octal" if number[1] == "8" else "a whole"

@@ -17,7 +17,7 @@ import contextlib
 import struct
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import jelly, pb
@@ -38,8 +38,9 @@ READ_BUDGET = 4 * 1024
 #: 16,384 connections could otherwise hold 16 GiB.
 MAX_UNFINISHED_BYTES = 128 << 20
 
-#: Seconds a connection closed after an oversized message has to read the
-#: error it was sent, before it is aborted.
+#: Seconds a connection being closed has to read its last answer (a
+#: refusal) and say goodbye, before it is aborted; also the time a
+#: connection from a penalised address has to make its first call.
 CLOSE_TIMEOUT = 5.0
 
 _LIST, _INT, _STRING, _NEG, _FLOAT, _LONGINT, _LONGNEG, _VOCAB = range(0x80, 0x88)
@@ -207,6 +208,15 @@ class LimitedBroker(pb.Broker):
     writeBlocked = False
     #: The abort of a connection given time to read its last answer.
     _abort: IDelayedCall | None = None
+    #: Where the abort of a closing connection is scheduled; None for the
+    #: global reactor.
+    clock: IReactorTime | None = None
+    #: Whether bad input closes the connection without a log line: set for
+    #: a connection that is only being turned away (its address is
+    #: penalised), whose each line would be the attacker's to write.
+    quiet = False
+    #: Bytes that arrived since input was refused, read only to be dropped.
+    _discarded = 0
 
     def connectionMade(self) -> None:
         self._pending = bytearray()
@@ -252,8 +262,24 @@ class LimitedBroker(pb.Broker):
         """
         self.writeBlocked = True
         self.ignoreInput()
+        if self.disconnected:
+            return  # aborted meanwhile (see dataReceived): TLS has no state left
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def closeAfterAnswer(self) -> None:
+        """
+        Close gracefully (L{closeGracefully}), and abort the connection if
+        it is still open after L{CLOSE_TIMEOUT} seconds: a peer that neither
+        reads what is left nor closes (TLS waits for its close_notify) would
+        otherwise hold it for ever.
+        """
+        if self._abort is None and not self.disconnected:
+            clock = self.clock
+            if clock is None:
+                from twisted.internet import reactor as clock
+            self._abort = clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
+        self.closeGracefully()
 
     def registerPageProducer(self, pager) -> None:
         # PB's pages would take the transport's producer slot, which is ours
@@ -263,6 +289,12 @@ class LimitedBroker(pb.Broker):
 
     def dataReceived(self, chunk: bytes) -> None:
         if self._refused:
+            # Read to be dropped, while a graceful close waits for the peer's
+            # end (TLS decrypts all that comes before its close_notify): at
+            # most the rest of one message, then the connection is aborted.
+            self._discarded += len(chunk)
+            if self._discarded > self.maxMessageBytes and not self.disconnected:
+                self.transport.abortConnection()
             return
         self._pending += chunk
         if self._next is None and not self.writeBlocked:
@@ -477,12 +509,18 @@ class LimitedBroker(pb.Broker):
 
     def refuse(self, reason: str) -> None:
         """
-        Abort the connection, logging why in one line.
+        Abort the connection, logging why in one line, unless it is L{quiet}
+        or its input was refused already (it is being closed, and that has
+        been said): then it is only aborted.
         """
+        if not self._silenced():
+            peer = describeAddress(self.transport.getPeer())
+            _log.info("closed the connection from {peer}: {reason}", peer=peer, reason=reason)
         self.ignoreInput()
-        peer = describeAddress(self.transport.getPeer())
-        _log.info("closed the connection from {peer}: {reason}", peer=peer, reason=reason)
         self.transport.abortConnection()
+
+    def _silenced(self) -> bool:
+        return self.quiet or self._refused
 
     def _tooLarge(self, reason: str) -> None:
         """
@@ -490,21 +528,19 @@ class LimitedBroker(pb.Broker):
         id is decoded already, and it wants an answer, answer it with
         L{MessageTooLarge} and close once that is written, giving the client
         L{CLOSE_TIMEOUT} seconds to read it: the rest of its message is read
-        and dropped meanwhile, never decoded.  (The stream cannot be resumed
-        mid-message: what follows is its rest, of unknown shape.)
+        and dropped meanwhile (up to C{maxMessageBytes} more), never decoded.
+        (The stream cannot be resumed mid-message: what follows is its rest,
+        of unknown shape.)
         """
         requestID = commands.unfinishedRequest(self.listStack)
-        if requestID is None:
+        if requestID is None or self._silenced():
             self.refuse(reason)
             return
         self.ignoreInput()
         peer = describeAddress(self.transport.getPeer())
         _log.info("closed the connection from {peer}: {reason}", peer=peer, reason=reason)
         self._sendError(MessageTooLarge(self.maxMessageBytes), requestID)
-        from twisted.internet import reactor
-
-        self._abort = reactor.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
-        self.closeGracefully()
+        self.closeAfterAnswer()
 
     def _decode(self, buf: bytearray, budget: int) -> int:
         """
