@@ -1,0 +1,98 @@
+"""
+CI's sessions: lint, the suite on every Python we support, and the suite
+with the lowest versions pyproject.toml allows.  Run by .ci/run; by hand:
+nox -f .ci/noxfile.py [-s tests-3.12].
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tomllib
+from pathlib import Path
+
+import nox
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parent.parent
+LOWEST = ROOT / ".ci" / "lowest.txt"
+PYTHONS = ("3.11", "3.12", "3.13")
+# The README's install, then Twisted's plugin cache as a read-only deployment
+# has it built (-I: only the virtualenv's plugin folder, not ./twisted/plugins).
+PLUGIN_CACHE = "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+
+nox.options.envdir = str(ROOT / ".nox")
+nox.options.sessions = ["lint", *(f"tests-{v}" for v in PYTHONS), "lowest"]
+# A Python that is missing fails CI; nox must neither skip it nor fetch one.
+nox.options.error_on_missing_interpreters = True
+nox.options.download_python = "never"
+nox.options.default_venv_backend = "venv"
+
+
+def interpreter(version: str) -> str:
+    """
+    The newest pyenv build of Python C{version}, else a C{pythonX.Y} on PATH
+    that is not a pyenv shim (a shim fails for any version but pyenv's
+    selected one).  If neither exists, the bare name: nox reports it missing.
+    """
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    builds = [
+        (tuple(map(int, d.name.split("."))), d / "bin" / f"python{version}")
+        for d in root.glob(f"versions/{version}.*")
+        if re.fullmatch(rf"{re.escape(version)}\.\d+", d.name)
+    ]
+    builds = [b for b in builds if b[1].exists()]
+    if builds:
+        return str(max(builds)[1])
+    path = os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if "/.pyenv/shims" not in p
+    )
+    return shutil.which(f"python{version}", path=path) or f"python{version}"
+
+
+def suite(session: nox.Session, *pipArgs: str) -> None:
+    session.chdir(ROOT)
+    session.install(*pipArgs, ".[test]")
+    session.run("python", "-I", "-c", PLUGIN_CACHE)
+    session.run("pip", "list", "--format=freeze")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=interpreter("3.11"))
+def lint(session: nox.Session) -> None:
+    session.chdir(ROOT)
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+for _version in PYTHONS:
+
+    @nox.session(name=f"tests-{_version}", python=interpreter(_version))
+    def tests(session: nox.Session) -> None:
+        suite(session)
+
+
+@nox.session(python=interpreter(PYTHONS[0]))
+def lowest(session: nox.Session) -> None:
+    """
+    The suite with every dependency at its lowest allowed version, pinned by
+    .ci/lowest.txt, which must pin each one and only to what pyproject allows.
+    """
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [
+        Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]
+    ]
+    pins = {}
+    for line in LOWEST.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    for req in declared:
+        pin = pins.get(canonicalize_name(req.name))
+        if pin is None or pin not in req.specifier:
+            session.error(f"{LOWEST.name} must pin {req.name} to a version in {req.specifier}")
+    suite(session, "--constraint", str(LOWEST))
