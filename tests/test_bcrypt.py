@@ -127,6 +127,8 @@ def tlsServer(reactor, tmp_path, hashedPasswd):
     options = Options()
     options.parseOptions(
         ["--passwd", str(hashedPasswd), "--realm=tracking",
+         # Not about the address's penalty, which would cut the tries to 3.
+         "--penalty-exempt", "127.0.0.1",
          "--port", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={key}"]
     )  # fmt: skip
     server = makeService(options)
