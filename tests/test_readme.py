@@ -36,6 +36,9 @@ QUICK_CLIENT = "PBREALMS_PASSWORD=wonderland .venv/bin/pbrealms-client --user al
 COPY_PASSWD = "install -m 600 config/users.passwd users.passwd"
 SERVER = ".venv/bin/twistd -n --pidfile= pbrealms --realm=limited --max=2 --passwd=users.passwd"
 BAD_MAX = ".venv/bin/twistd -n --pidfile= pbrealms --realm=limited --max=0"
+BAD_PORT = ".venv/bin/twistd -n --pidfile= pbrealms --port tcp:notaport"
+BAD_ENV = "PBREALMS_MAX=x .venv/bin/twistd -n --pidfile= pbrealms --realm=limited"
+PORT_IN_USE = ".venv/bin/twistd -n --pidfile= pbrealms --port tcp:8787:interface=127.0.0.1"
 PASSWD_STDIN = (
     'echo "$PASSWORD" | .venv/bin/pbrealms-passwd users.passwd carol  # or the first line of stdin'
 )
@@ -58,6 +61,9 @@ RUN = {
     COPY_PASSWD,
     SERVER,
     BAD_MAX,
+    BAD_PORT,
+    BAD_ENV,
+    PORT_IN_USE,
     PASSWD_STDIN,
     *LOGGERS,
     SCRAPE,
@@ -121,7 +127,7 @@ NOT_RUN = {
         "a narrated session that a login from another machine replaces (tests/test_e2e.py)"
     ),
     "python3 -m venv .venv && .venv/bin/pip install '.[bench]' && .venv/bin/pbrealms-bench"
-    " --json bench.json --plot performance.png": (
+    " --json bench.json --plot bench.png": (
         "takes 7 minutes (tests/test_bench.py runs the bench on small sizes)"
     ),
 }
@@ -157,24 +163,28 @@ def _joined(lines: list[str]) -> Iterator[str]:
 def commands() -> list[str]:
     """
     Every command of the README: each of an C{sh} block's (but comment lines),
-    and the C{$ } line of each transcript.
+    and each C{$ } line of a transcript (one that starts with such a line).
     """
     found = []
     for fence, lines in blocks():
         if fence == "sh":
             found += [c for c in _joined(lines) if c.strip() and not c.startswith("#")]
         elif lines and lines[0].lstrip().startswith("$ "):
-            found.append(lines[0].lstrip()[2:])
+            found += [line.lstrip()[2:] for line in lines if line.lstrip().startswith("$ ")]
     return found
 
 
 def transcript(command: str) -> list[str]:
     """
-    What the README shows a command printing.
+    What the README shows a command printing: the lines after its C{$ } line,
+    up to the next one.
     """
     for _, lines in blocks():
-        if lines and lines[0].lstrip() == f"$ {command}":
-            return [line.strip() for line in lines[1:]]
+        stripped = [line.strip() for line in lines]
+        if stripped and stripped[0].startswith("$ ") and f"$ {command}" in stripped:
+            after = stripped[stripped.index(f"$ {command}") + 1 :]
+            ends = [i for i, line in enumerate(after) if line.startswith("$ ")]
+            return after[: ends[0]] if ends else after
     raise AssertionError(f"no transcript of {command!r} in the README")
 
 
@@ -326,8 +336,9 @@ def test_quick_start(clone):
 def test_running_the_server(clone):
     """
     The example password file, copied as the README says, draws no warning;
-    a bad option is the README's one line and status 2; pbrealms-passwd adds
-    a hashed user from stdin; SIGTERM ends twistd with SIGTERM (143).
+    bad options are the README's one line each and status 2, a port in use
+    its one line and status 1; pbrealms-passwd adds a hashed user from stdin;
+    SIGTERM ends twistd with SIGTERM (143).
     """
     from pbrealms.checkers import checkPermissions
 
@@ -339,9 +350,14 @@ def test_running_the_server(clone):
     # A warning about the file starts with its name (see checkers.checkPermissions).
     assert "users.passwd:" not in clone.output(server), "the password file drew a warning"
 
-    bad = clone.run(BAD_MAX)
-    assert bad.returncode == 2
-    assert bad.stderr.splitlines() == transcript(BAD_MAX)
+    for command in (BAD_MAX, BAD_PORT, BAD_ENV):
+        bad = clone.run(command)
+        assert (bad.returncode, bad.stdout) == (2, ""), command
+        assert bad.stderr.splitlines() == transcript(command)
+    # The server above holds 8787.
+    taken = clone.run(PORT_IN_USE)
+    assert taken.returncode == 1
+    assert taken.stderr.splitlines() == transcript(PORT_IN_USE)
 
     ok(clone.run(PASSWD_STDIN, PASSWORD="c4r0l-n3w"))
     assert re.search(r"^carol:\$2b\$\d\d\$", passwd.read_text(), re.M)
@@ -383,6 +399,22 @@ def test_the_metrics_sample_is_a_real_scrape(clone):
     def values(lines: list[str]) -> list[tuple[str, str]]:
         pairs = [tuple(line.rsplit(" ", 1)) for line in lines]
         return [(name, "..." if name.endswith("_sum") else value) for name, value in pairs]
+
+    # The README's fail2ban filter matches the wrong password's log line.
+    (failregex,) = (
+        lines for fence, lines in blocks() if fence == "ini" and lines[0] == "[Definition]"
+    )
+    patterns = [failregex[1].split("=", 1)[1].strip(), *(x.strip() for x in failregex[2:])]
+    patterns = [re.compile(x.replace("<HOST>", r"(?P<host>\S+?)")) for x in patterns]
+    refusals = [
+        line.split("] ", 1)[1]
+        for line in clone.output(server).splitlines()
+        if "login refused for " in line
+    ]
+    assert refusals, "the wrong password was not logged"
+    for line in refusals:
+        found = [m for m in (x.search(line) for x in patterns) if m]
+        assert found and found[0]["host"] == "127.0.0.1", line
 
     expected = values(transcript(SCRAPE))
     for _ in range(50):
