@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
+import trustme
+from twisted.internet import defer, ssl, task
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.spread import pb
 
@@ -249,3 +250,19 @@ async def harness(reactor, passwd):
     h = Harness(reactor, passwd)
     yield h
     await h.cleanup()
+
+
+@pytest.fixture
+def tlsContexts():
+    """
+    TLS options for a loopback server and a client that trusts it.
+    """
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    server = ssl.PrivateCertificate.loadPEM(
+        cert.private_key_and_cert_chain_pem.bytes().decode()
+    ).options()
+    client = ssl.optionsForClientTLS(
+        "localhost", trustRoot=ssl.Certificate.loadPEM(ca.cert_pem.bytes())
+    )
+    return server, client

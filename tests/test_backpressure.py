@@ -24,10 +24,9 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-import trustme
 from conftest import USERS, Served, eventually
 from processes import BIN, environment, stop
-from twisted.internet import endpoints, protocol, ssl, task
+from twisted.internet import endpoints, protocol, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.spread import banana, pb
@@ -211,19 +210,6 @@ class Silent(protocol.Protocol):
         self.offered = True
         self.transport.pauseProducing()  # it reads nothing more
         self.transport.write(encode(b"pb") + b"".join(unknownCall(i) for i in range(self.calls)))
-
-
-@pytest.fixture
-def tlsContexts():
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    server = ssl.PrivateCertificate.loadPEM(
-        cert.private_key_and_cert_chain_pem.bytes().decode()
-    ).options()
-    client = ssl.optionsForClientTLS(
-        "localhost", trustRoot=ssl.Certificate.loadPEM(ca.cert_pem.bytes())
-    )
-    return server, client
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])

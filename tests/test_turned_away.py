@@ -7,10 +7,9 @@ connection logs nothing, and a penalty that drained lets the login through.
 
 import pytest
 import pytest_twisted
-import trustme
 from conftest import RecordingFactory, Served, eventually
 from twisted.cred.credentials import UsernamePassword
-from twisted.internet import defer, endpoints, interfaces, protocol, ssl, task
+from twisted.internet import defer, endpoints, interfaces, protocol, task
 from twisted.spread import banana, pb
 from zope.interface import implementer
 
@@ -191,19 +190,6 @@ async def test_a_penalised_connection_logs_nothing_for_bad_input(harness, reacto
 
 
 # ----------------------------------------------------- closing, over TLS
-
-
-@pytest.fixture
-def tlsContexts():
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    server = ssl.PrivateCertificate.loadPEM(
-        cert.private_key_and_cert_chain_pem.bytes().decode()
-    ).options()
-    client = ssl.optionsForClientTLS(
-        "localhost", trustRoot=ssl.Certificate.loadPEM(ca.cert_pem.bytes())
-    )
-    return server, client
 
 
 @implementer(interfaces.IHandshakeListener)
