@@ -99,6 +99,16 @@ async def test_pushes_answered_with_what_the_server_refuses_keep_the_connection(
     ]
     assert await first.callRemote("greet") == "<4>hello alice"
 
+    # Once per client, not once per server: a second such client is logged too.
+    second = PickyMind()
+    await served.login("alice", mind=second)
+    await served.login("alice")
+    await eventually(harness.reactor, lambda: "opened" in second.calls)
+    await eventually(
+        harness.reactor, lambda: len([m for m in log.messages() if "client answered" in m]) == 2
+    )
+    assert picky.calls.count("opened") == 3 and not closes(log)
+
 
 @pytest_twisted.ensureDeferred
 async def test_an_answer_that_does_not_decode_fails_its_call_at_once(harness, log):

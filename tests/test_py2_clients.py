@@ -80,8 +80,13 @@ def py2(request, tmp_path_factory) -> tuple[str, Path]:
                 f"{result.stdout}\n{result.stderr}",
                 pytrace=False,
             )
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
+        try:
+            partial.rename(target)
+        except OSError:
+            # Another xdist worker renamed its complete copy first: use that.
+            if not (target / "twisted" / "__init__.py").exists():
+                raise
+            shutil.rmtree(partial)
     return python, target
 
 

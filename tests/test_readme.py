@@ -188,7 +188,16 @@ def transcript(command: str) -> list[str]:
     raise AssertionError(f"no transcript of {command!r} in the README")
 
 
+def programs() -> list[str]:
+    """
+    The README's Python programs: its C{python} blocks.
+    """
+    return ["\n".join(lines) + "\n" for fence, lines in blocks() if fence == "python"]
+
+
 def test_every_command_is_run_or_listed():
+    # test_the_client runs the one Python program; a new one needs a test too.
+    assert len(programs()) == 1
     found = commands()
     new = [c for c in found if c not in RUN and c not in NOT_RUN]
     assert not new, (
@@ -439,3 +448,7 @@ def test_the_client(clone):
     assert status["realm"] == "clock" and status["user"] == "alice"
     assert len(ok(clone.run(CLIENT_CLOCK)).splitlines()) == 3
     assert len(ok(clone.run(CLIENT_WATCH)).splitlines()) == 3
+    (program,) = programs()
+    (clone.path / "reconnecting.py").write_text(program)
+    printed = ok(clone.run(".venv/bin/python reconnecting.py", shown=False)).splitlines()
+    assert len(printed) == 1 and re.fullmatch(r"<\d+>hello alice", printed[0]), printed
