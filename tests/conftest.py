@@ -6,10 +6,11 @@ serves pbrealms on a loopback port and logs clients in over real TCP.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,35 @@ class CapturedLog(list):
             or e.get("isError")
             or e.get("log_level") in (LogLevel.error, LogLevel.critical)
         ]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Timing tests last: run alone (below), they then wait for each other
+    # rather than for the long tests of the other worker.
+    items.sort(key=lambda item: item.get_closest_marker("timing") is not None)
+
+
+@pytest.fixture(autouse=True)
+def timingTestsRunAlone(request, tmp_path_factory) -> Iterator[None]:
+    """
+    Under pytest-xdist, a test marked C{timing} runs with no test beside it:
+    it bounds how long something takes, which a test on the other core would
+    stretch.  Other tests share a lock while they run and a timing test
+    holds it alone; the gate in front lets a waiting timing test in before
+    tests that have yet to start.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    alone = request.node.get_closest_marker("timing") is not None
+    mode = fcntl.LOCK_EX if alone else fcntl.LOCK_SH
+    run = tmp_path_factory.getbasetemp().parent  # one per pytest run, shared by its workers
+    with open(run / "timing.gate", "a") as gate, open(run / "timing.lock", "a") as lock:
+        fcntl.flock(gate, mode)
+        fcntl.flock(lock, mode)
+        if not alone:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        yield
 
 
 @pytest.fixture(autouse=True)

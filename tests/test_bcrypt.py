@@ -65,6 +65,7 @@ def test_the_dummy_hash_costs_what_a_real_one_costs():
     assert DUMMY_HASH.startswith(b"$2b$12$")  # pbrealms-passwd's default cost
 
 
+@pytest.mark.timing
 @pytest_twisted.ensureDeferred
 async def test_the_reactor_stays_responsive_during_eight_hash_checks(reactor, tmp_path):
     path = tmp_path / "users.passwd"

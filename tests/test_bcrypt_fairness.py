@@ -247,6 +247,7 @@ async def test_busy_counts_against_neither_the_connection_nor_the_source(
     assert isinstance(await login, pb.RemoteReference)
 
 
+@pytest.mark.timing
 @pytest_twisted.ensureDeferred
 async def test_one_attacking_address_cannot_keep_another_out(reactor, harness, bcryptPasswd, log):
     hasher = PasswordHasher(threads=2, maxPending=32)

@@ -347,6 +347,7 @@ reactor.run()
 """
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_graceful_shutdown_waits_the_grace_period_at_most(serve, sig, tmp_path):
     server = serve("--shutdown-grace=1")

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import pytest_twisted
 from conftest import USERS, eventually
 from twisted.internet import task
@@ -474,6 +475,7 @@ print(read[0])
 """
 
 
+@pytest.mark.timing
 @pytest_twisted.ensureDeferred
 async def test_greet_stays_fast_while_sessions_is_hammered(running, reactor):
     running.open(5000)

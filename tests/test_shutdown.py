@@ -86,6 +86,7 @@ async def test_sessions_are_told_then_closed_exactly_once(reactor, start, log):
     assert not running.server.getServiceNamed("pb-listener").port
 
 
+@pytest.mark.timing
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_does_not_answer_gets_the_grace_period(reactor, start, log):
     running = start("--shutdown-grace=0.3")

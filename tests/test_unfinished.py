@@ -277,6 +277,7 @@ def memory(pid: int) -> dict[str, int]:
 HOLD = (MAX_MESSAGE_BYTES - 4096) // (((2 + _STRING_BASE) & -16) + _SLOT)
 
 
+@pytest.mark.timing
 def test_connections_holding_unfinished_messages_cost_what_they_are_charged(tmp_path, passwd):
     """
     128 connections from one address (the default cap) each hold one

@@ -365,6 +365,7 @@ with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as sock:
 """
 
 
+@pytest.mark.timing
 @pytest_twisted.ensureDeferred
 async def test_a_flood_does_not_starve_a_canary(harness, reactor):
     """
