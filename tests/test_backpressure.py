@@ -434,8 +434,8 @@ async def test_attackers_that_never_read_cost_the_server_little(reactor, tmp_pat
     root.login with a 600 kB keyword name (whose BadArguments once quoted it
     whole), unknown methods on the root, or status after logging in (with no
     keepalive to end it).  The server grows by less than 20 MB per
-    connection; a canary from another address logs in within 200 ms
-    throughout (but one outlier); and where the answers are small and many,
+    connection; a canary from another address logs in within 100 ms
+    typically and 500 ms throughout (but one outlier); and where the answers are small and many,
     the attacker ends up unable to send for STALL_SECONDS (the server has
     stopped reading) and, kept so for HOLD_SECONDS more, the server does not
     grow.  No login timeout ends the attack.  (Each 600 kB keyword call has a
@@ -471,13 +471,16 @@ async def test_attackers_that_never_read_cost_the_server_little(reactor, tmp_pat
         server.wait(10)
     grown = peak - before
     logins.sort()
-    # One slow login in a run is tolerated: on a shared 2-core machine any
-    # process can lose the CPU for a few hundred ms.  A server that the
-    # attack starves is slow on every login, not on one.
+    # Judged by the typical login, with room for outliers: the attacker, the
+    # server and this canary already keep both cores of a 2-core machine
+    # busy, and any of them can lose the CPU for a few hundred ms.  A server
+    # that the attack starves is slow on every login, not on one.
+    typical = logins[len(logins) // 2]
     slow = logins[-2] if len(logins) > 1 else logins[-1]
     figures = (
         f"{attack} for {report['seconds']:.1f} s: grew {grown / 2**20:.1f} MiB, canary logins "
-        f"{len(logins)}, slowest {logins[-1] * 1000:.0f} ms, then {slow * 1000:.0f} ms, sent "
+        f"{len(logins)}, median {typical * 1000:.0f} ms, slowest {logins[-1] * 1000:.0f} ms, "
+        f"then {slow * 1000:.0f} ms, sent "
         f"{report['sent'] / 2**20:.1f} MiB, sending stalled for the last "
         f"{report['stalled']:.1f} s"
     )
@@ -495,7 +498,7 @@ async def test_attackers_that_never_read_cost_the_server_little(reactor, tmp_pat
         )
         assert report["heldGrowth"] < HOLD_GROWTH, figures
     assert grown < CONNECTIONS * GROWTH_PER_CONNECTION, figures
-    assert slow < 0.2, figures
+    assert typical < 0.1 and slow < 0.5, figures
     log = output.read_text()
     assert "Traceback" not in log
     assert max(len(line) for line in log.splitlines()) < 1000
