@@ -434,8 +434,8 @@ async def test_attackers_that_never_read_cost_the_server_little(reactor, tmp_pat
     root.login with a 600 kB keyword name (whose BadArguments once quoted it
     whole), unknown methods on the root, or status after logging in (with no
     keepalive to end it).  The server grows by less than 20 MB per
-    connection; a canary from another address logs in within 100 ms
-    typically and 500 ms throughout (but one outlier); and where the answers are small and many,
+    connection; a canary from another address logs in within 300 ms
+    typically and a second throughout (but one outlier); and where the answers are small and many,
     the attacker ends up unable to send for STALL_SECONDS (the server has
     stopped reading) and, kept so for HOLD_SECONDS more, the server does not
     grow.  No login timeout ends the attack.  (Each 600 kB keyword call has a
@@ -473,8 +473,9 @@ async def test_attackers_that_never_read_cost_the_server_little(reactor, tmp_pat
     logins.sort()
     # Judged by the typical login, with room for outliers: the attacker, the
     # server and this canary already keep both cores of a 2-core machine
-    # busy, and any of them can lose the CPU for a few hundred ms.  A server
-    # that the attack starves is slow on every login, not on one.
+    # busy, and any of them can lose the CPU for a few hundred ms (medians
+    # of 20 to 130 ms seen here).  A server that the attack starves is slow
+    # on every login, by seconds, not on one.
     typical = logins[len(logins) // 2]
     slow = logins[-2] if len(logins) > 1 else logins[-1]
     figures = (
@@ -498,7 +499,7 @@ async def test_attackers_that_never_read_cost_the_server_little(reactor, tmp_pat
         )
         assert report["heldGrowth"] < HOLD_GROWTH, figures
     assert grown < CONNECTIONS * GROWTH_PER_CONNECTION, figures
-    assert typical < 0.1 and slow < 0.5, figures
+    assert typical < 0.3 and slow < 1.0, figures
     log = output.read_text()
     assert "Traceback" not in log
     assert max(len(line) for line in log.splitlines()) < 1000
