@@ -23,7 +23,7 @@ from twisted.spread import pb
 from pbrealms.checkers import PasswordFile
 from pbrealms.client import Connection, connect
 from pbrealms.login import LoginRoot
-from pbrealms.realms import REALMS, ClockRealm, Realm
+from pbrealms.realms import REALMS, Realm
 from pbrealms.service import PBServerFactory
 from pbrealms.sessions import SessionRegistry
 from pbrealms.tap import wireSecurity
@@ -245,10 +245,7 @@ class Harness:
             whenFull=whenFull,
             pingTimeout=pingTimeout,
         )
-        if REALMS[realm] is ClockRealm:
-            strategy = ClockRealm(registry, self.reactor, period)
-        else:
-            strategy = REALMS[realm](registry, self.reactor)
+        strategy = REALMS[realm].realm.build(registry, self.reactor, {"period": period})
         return LoginRoot(PasswordFile(str(self.passwd)), strategy, registry)
 
     async def serve(self, realm: str = "cache", root: LoginRoot | None = None, **kw) -> Served:

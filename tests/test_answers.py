@@ -15,8 +15,8 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer
 from twisted.spread import pb, util
 
-from pbrealms.avatars import Avatar
 from pbrealms.errors import BadArguments, MessageTooLarge, PagingRefused, UndecodableAnswer
+from pbrealms.realms.base import Avatar
 from pbrealms.wire import MAX_MESSAGE_BYTES
 
 
@@ -187,7 +187,8 @@ async def test_paging_is_refused_with_a_typed_error(harness, log):
     the session serves on.
     """
     served = await harness.serve("cache")
-    served.realm._avatars["alice"] = PagingAvatar(served.realm, served.realm.greeter("alice"))
+    realm = served.realm
+    realm.makeAvatar = lambda user: PagingAvatar(realm.greeter(user), realm.describe)
     conn = await served.login("alice")
     pages: list = []
     with pytest.raises(PagingRefused):

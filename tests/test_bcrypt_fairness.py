@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 
 from pbrealms.checkers import PasswordFile, PasswordHasher, UsernamePasswordFrom, shareOf
-from pbrealms.client import EXIT_BUSY, ReconnectingSession, connect, explain, retryable
+from pbrealms.client import ReconnectingSession, connect, retryable
+from pbrealms.client.cli import EXIT_BUSY, explain
 from pbrealms.errors import LoginRefused, ServerBusy, ShuttingDown, localize
 from pbrealms.guard import SourcePenalties
 from pbrealms.metrics import OUTCOMES

@@ -13,19 +13,19 @@ from twisted.internet import defer, error
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from pbrealms.client import (
+from pbrealms.client import ClientMind
+from pbrealms.client.cli import (
     EXIT_KICKED,
     EXIT_REFUSED,
     EXIT_TIMEOUT,
     EXIT_TOO_MANY,
     EXIT_UNREACHABLE,
-    ClientMind,
-    ClientOptions,
     CommandFailed,
     explain,
     main,
     run,
 )
+from pbrealms.client.options import ClientOptions
 from pbrealms.errors import BadCredentials, TooManyConnections
 
 

@@ -26,17 +26,9 @@ from twisted.python.failure import Failure
 
 from pbrealms import passwd
 from pbrealms.bench import baseline, cli, load
-from pbrealms.client import (
-    EXIT_REFUSED,
-    EXIT_UNREACHABLE,
-    ClientOptions,
-    CommandFailed,
-    TLSFailed,
-    connect,
-    explain,
-    main,
-    run,
-)
+from pbrealms.client import TLSFailed, connect
+from pbrealms.client.cli import EXIT_REFUSED, EXIT_UNREACHABLE, CommandFailed, explain, main, run
+from pbrealms.client.options import ClientOptions
 from pbrealms.guard import SourcePenalties
 from pbrealms.login import LoginRoot
 from pbrealms.options import versionText

@@ -17,7 +17,7 @@ from pbrealms.push import (
     push,
     validatePeriod,
 )
-from pbrealms.realms import ClockRealm
+from pbrealms.realms.clock import ClockRealm
 from pbrealms.sessions import SessionRegistry
 
 

@@ -19,7 +19,7 @@ from twisted.spread import pb
 from pbrealms.errors import BadCredentials, SourcePenalised, TooManyConnections, localize
 from pbrealms.guard import SourcePenalties, parseNetworks
 from pbrealms.login import LoginRoot
-from pbrealms.realms import TrackingRealm
+from pbrealms.realms.tracking import TrackingRealm
 from pbrealms.sessions import SessionRegistry
 
 

@@ -17,11 +17,16 @@ import re
 import signal
 import stat
 import subprocess
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from processes import BIN, environment, stop
+
+from pbrealms.realms import REALMS
+from pbrealms.tap import Options
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -188,16 +193,34 @@ def transcript(command: str) -> list[str]:
     raise AssertionError(f"no transcript of {command!r} in the README")
 
 
+def _python() -> list[list[str]]:
+    return [lines for fence, lines in blocks() if fence == "python"]
+
+
 def programs() -> list[str]:
     """
-    The README's Python programs: its C{python} blocks.
+    The README's Python programs: its C{python} blocks but modules.
     """
-    return ["\n".join(lines) + "\n" for fence, lines in blocks() if fence == "python"]
+    return ["\n".join(lines) + "\n" for lines in _python() if not lines[0].startswith("# src/")]
+
+
+def modules() -> dict[str, str]:
+    """
+    The README's new modules: each C{python} block whose first line names
+    its path in the repository, by that path.
+    """
+    return {
+        lines[0][2:]: "\n".join(lines[1:]) + "\n"
+        for lines in _python()
+        if lines[0].startswith("# src/")
+    }
 
 
 def test_every_command_is_run_or_listed():
-    # test_the_client runs the one Python program; a new one needs a test too.
+    # test_the_client runs the one program, test_the_worked_realm the one
+    # module: a new one needs a test too.
     assert len(programs()) == 1
+    assert list(modules()) == ["src/pbrealms/realms/whoami.py"]
     found = commands()
     new = [c for c in found if c not in RUN and c not in NOT_RUN]
     assert not new, (
@@ -452,3 +475,23 @@ def test_the_client(clone):
     (clone.path / "reconnecting.py").write_text(program)
     printed = ok(clone.run(".venv/bin/python reconnecting.py", shown=False)).splitlines()
     assert len(printed) == 1 and re.fullmatch(r"<\d+>hello alice", printed[0]), printed
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_worked_realm(harness, monkeypatch):
+    """
+    Development's new realm, as its module and its line in C{REALMS}:
+    C{--realm} takes it, and it serves its avatar's new method.
+    """
+    ((path, source),) = modules().items()
+    module = types.ModuleType("pbrealms.realms.whoami")
+    exec(compile(source, path, "exec"), module.__dict__)
+    monkeypatch.setitem(REALMS, "whoami", module.STRATEGY)
+    options = Options()
+    options.parseOptions(["--realm=whoami"])
+    assert (options["realm"], options["max"], options["period"]) == ("whoami", None, None)
+    served = await harness.serve("whoami")
+    conn = await served.login("alice")
+    assert await conn.callRemote("whoami") == "alice"
+    assert await conn.callRemote("greet") == "<1>hello alice"
+    assert (await conn.callRemote("status"))["realm"] == "whoami"

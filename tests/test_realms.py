@@ -46,7 +46,9 @@ async def test_cache_serves_one_avatar_per_user(harness):
     await served.login("alice")
     await served.login("alice")
     await served.login("bob")
-    assert sorted(served.realm._avatars) == ["alice", "bob"]
+    alice = served.realm.avatarFor("alice", None)
+    assert served.realm.avatarFor("alice", None) is alice
+    assert served.realm.avatarFor("bob", None) not in (alice, None)
 
 
 @pytest_twisted.ensureDeferred

@@ -13,7 +13,7 @@ from twisted.spread import pb
 
 from pbrealms.errors import BadArguments
 from pbrealms.push import MAX_UNANSWERED
-from pbrealms.realms import SessionsRealm
+from pbrealms.realms.sessions import SessionsRealm
 from pbrealms.sessions import SessionRegistry
 
 
@@ -111,8 +111,8 @@ async def test_sessions_lists_the_users_sessions_and_marks_the_callers(harness, 
         assert entry["idle"] >= 0
     assert [s["current"] for s in await first.callRemote("sessions")] == [True, False]
     # One cached avatar for the user, holding those same sessions.
-    avatar = served.realm._avatars["alice"]
-    assert [s.id for s in avatar.sessions] == [s["id"] for s in listed]
+    avatar = served.realm.avatarFor("alice", None)
+    assert [s.id for s in avatar.sessions()] == [s["id"] for s in listed]
     status = await first.callRemote("status")
     assert status == {
         "realm": "sessions",

@@ -17,7 +17,7 @@ from pbrealms import wire
 from pbrealms.errors import BadCredentials, SourcePenalised, localize
 from pbrealms.guard import SourcePenalties
 from pbrealms.login import LoginRoot
-from pbrealms.realms import TrackingRealm
+from pbrealms.realms.tracking import TrackingRealm
 from pbrealms.sessions import SessionRegistry
 from pbrealms.tap import Options
 

@@ -36,7 +36,7 @@ from pbrealms.login import LoginRoot
 from pbrealms.metrics import ServerMetrics, metricsSite
 from pbrealms.options import Options as CommandOptions
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
-from pbrealms.realms import REALMS, ClockRealm
+from pbrealms.realms import REALMS
 from pbrealms.service import GracefulShutdown, Listener, PBRealmsService, PBServerFactory
 from pbrealms.sessions import REFUSE, WHEN_FULL, Keepalive, SessionRegistry
 from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES, MAX_UNFINISHED_BYTES
@@ -48,7 +48,7 @@ DEFAULT_KEEPALIVE = 60.0
 MIN_KEEPALIVE = 1.0
 DEFAULT_PING_TIMEOUT = 10.0
 #: The realms that limit sessions per user, with --max.
-LIMITING_REALMS = ("limited", "sessions")
+LIMITING_REALMS = tuple(name for name, strategy in REALMS.items() if strategy.limits)
 MAX_GRACE = 3600.0
 #: Twisted listens with a backlog of 50, which hangs a storm of logins.
 TCP_BACKLOG = 1024
@@ -59,6 +59,20 @@ UNIX_SOCKET_MODE = 0o660
 UNUSABLE_AUTH_TYPES = frozenset({"memory"})
 
 _log = Logger()
+
+
+def _realmsTaking(option: str) -> str:
+    """
+    The C{--realm} values that take C{option}, for help and errors.
+    """
+    return " or --realm=".join(n for n, s in REALMS.items() if option in s.options)
+
+
+#: Each limiting realm's limit without --max, for --help.
+_LIMITS = ", ".join(
+    f"{REALMS[n].defaultMax} for {n}" if REALMS[n].defaultMax else f"no limit for {n}"
+    for n in LIMITING_REALMS
+)
 
 
 def environmentName(option: str) -> str:
@@ -130,21 +144,25 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
         "--auth there overrides both PBREALMS_PASSWD and PBREALMS_AUTH."
     )
     optParameters = [
-        ["realm", "r", "cache", "Realm strategy: " + ", ".join(REALMS) + "."],
+        [
+            "realm",
+            "r",
+            "cache",
+            "Realm strategy: " + "; ".join(f"{s.name} ({s.help})" for s in REALMS.values()) + ".",
+        ],
         [
             "max",
             None,
             None,
-            "With --realm=limited or sessions: the most concurrent sessions one user "
-            "may have (an integer of 1 or more). [default: 1 for limited, no limit "
-            "for sessions]",
+            f"With --realm={' or '.join(LIMITING_REALMS)}: the most concurrent sessions "
+            f"one user may have (an integer of 1 or more). [default: {_LIMITS}]",
         ],
         [
             "when-full",
             None,
             REFUSE,
-            "With --realm=limited (whose --max is 1 unless given) or with --realm=sessions "
-            "and --max: what a login beyond the limit does. refuse: it is refused (too many "
+            f"With --realm={' or '.join(LIMITING_REALMS)}, once a user has --max sessions: "
+            "what a login beyond the limit does. refuse: it is refused (too many "
             "connections). replace-oldest: the user's oldest session is told, closed, "
             "and replaced. replace-stale: the oldest session is pinged, and replaced "
             "only if it does not answer within --ping-timeout.",
@@ -182,7 +200,8 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             "period",
             None,
             None,
-            f"With --realm=clock: the push period a session starts with, in seconds, "
+            f"With --realm={_realmsTaking('period')}: the push period a session starts "
+            "with, in seconds, "
             f"from {MIN_PERIOD:g} to {MAX_PERIOD:g}. [default: {DEFAULT_PERIOD:g}]",
         ],
         [
@@ -487,7 +506,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             return value
         setting = f"{self._name('when-full')}={value}"
         if realm in LIMITING_REALMS:
-            # Only sessions has no limit of its own (limited's --max is 1).
+            # A limiting realm without a default limit has none without --max.
             raise usage.UsageError(
                 f"{setting} needs --max: --realm={realm} has no limit without it"
             )
@@ -508,7 +527,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
                 )
             return None
         if value is None:
-            return 1 if realm == "limited" else None
+            return REALMS[realm].defaultMax
         try:
             limit = int(value)
         except ValueError:
@@ -519,9 +538,11 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
 
     def _period(self, realm: str, value: str | None) -> float | None:
         setting = self._name("period")
-        if realm != "clock":
+        if "period" not in REALMS[realm].options:
             if value is not None:
-                raise usage.UsageError(f"{setting} applies to --realm=clock only, not {realm!r}")
+                raise usage.UsageError(
+                    f"{setting} applies to --realm={_realmsTaking('period')} only, not {realm!r}"
+                )
             return None
         if value is None:
             return DEFAULT_PERIOD
@@ -649,10 +670,7 @@ def makeService(options: Options) -> PBRealmsService:
         whenFull=options["when-full"],
         pingTimeout=options["ping-timeout"],
     )
-    if REALMS[name] is ClockRealm:
-        realm = ClockRealm(registry, reactor, options["period"])
-    else:
-        realm = REALMS[name](registry, reactor)
+    realm = REALMS[name].realm.build(registry, reactor, options)
     checker = options["checker"]
     penalties = SourcePenalties(reactor, exempt=options["penalty-exempt"])
     root = LoginRoot(

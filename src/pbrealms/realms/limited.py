@@ -1,0 +1,23 @@
+"""
+C{--realm=limited}: tracking, under the registry's per-user limit (C{--max},
+1 unless given), which C{status} tells too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pbrealms.realms.base import Strategy
+from pbrealms.realms.tracking import TrackingRealm
+
+
+class LimitedRealm(TrackingRealm):
+    name = "limited"
+
+    def describe(self, user: str) -> dict[str, Any]:
+        return {**super().describe(user), "max": self.registry.maxPerUser}
+
+
+STRATEGY = Strategy(
+    LimitedRealm, "tracking, under --max sessions per user", limits=True, defaultMax=1
+)

@@ -1,0 +1,135 @@
+"""
+C{--realm=sessions}: the cached avatar with the set of its user's current
+sessions, as the howto ends: each session opening or closing, and each
+greeting, is pushed to the user's other sessions that passed a mind.
+Optionally under C{--max}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from pbrealms.errors import dispatch
+from pbrealms.push import MAX_UNANSWERED, push
+from pbrealms.realms.base import Avatar, Describe, Greeter, Strategy
+from pbrealms.realms.limited import LimitedRealm
+from pbrealms.sessions import Session, SessionRegistry
+
+#: Pushes C{method(*args)} to the other sessions of a session's user.
+TellOthers = Callable[..., None]
+
+
+class SessionsAvatar(Avatar):
+    """
+    A user's one avatar, shared by all the user's sessions, and aware of
+    which one calls: its methods get the caller's L{Session} first.
+    """
+
+    def __init__(
+        self,
+        greeter: Greeter,
+        describe: Describe,
+        sessions: Callable[[], list[Session]],
+        tellOthers: TellOthers,
+        clock: IReactorTime,
+    ) -> None:
+        """
+        @param sessions: the user's current sessions, oldest first.
+        @param tellOthers: called with a session, a method name and its
+            arguments, pushes them to the user's other sessions.
+        """
+        super().__init__(greeter, describe)
+        self.sessions = sessions
+        self.tellOthers = tellOthers
+        self.clock = clock
+
+    def sessionMessageReceived(self, session: Session, broker, message, args, kw):
+        return dispatch(broker, self, "perspective_", message, args, kw, self, bound=(session,))
+
+    def perspective_greet(self, caller: Session) -> str:
+        """
+        Greet, as in C{cache}, and push C{notifyGreeting(text)} to the user's
+        other sessions.
+        """
+        text = self.greeter.greet()
+        self.tellOthers(caller, "notifyGreeting", text)
+        return text
+
+    def perspective_status(self, caller: Session) -> dict[str, Any]:
+        return self.describe(self.greeter.user)
+
+    def perspective_sessions(self, caller: Session) -> list[dict[str, Any]]:
+        """
+        @return: the user's sessions, oldest first: C{id}, C{peer}, C{since}
+            (seconds since the epoch), C{idle} (seconds since its last call)
+            and C{current} (whether it is the caller's).
+        """
+        now = self.clock.seconds()
+        return [
+            {**s.info(), "idle": round(now - s.lastCall, 3), "current": s is caller}
+            for s in self.sessions()
+        ]
+
+
+class SessionsRealm(LimitedRealm):
+    name = "sessions"
+
+    def __init__(self, registry: SessionRegistry, clock: IReactorTime) -> None:
+        super().__init__(registry, clock)
+        registry.observe(self)
+
+    def makeAvatar(self, user: str) -> Avatar:
+        sessions = partial(self.activeSessionsOf, user)
+        greeter = self.greeter(user)
+        return SessionsAvatar(greeter, self.describe, sessions, self.tellOthers, self.clock)
+
+    def activeSessionsOf(self, user: str) -> list[Session]:
+        """
+        C{user}'s logged-in sessions, oldest first.
+        """
+        return [s for s in self.registry.sessionsOf(user) if s.active]
+
+    def sessionOpened(self, session: Session) -> None:
+        self.tellOthers(session, "notifySessionOpened", session.info())
+
+    def sessionClosed(self, session: Session, reason: str) -> None:
+        self.tellOthers(session, "notifySessionClosed", {**session.info(), "reason": reason})
+
+    def tellOthers(self, session: Session, method: str, *args: object) -> None:
+        """
+        Push C{method(*args)} to every other logged-in session of
+        C{session}'s user that has a mind.  A session found gone ends.  A
+        session with L{MAX_UNANSWERED} pushes unanswered is skipped, so that
+        a client that stops reading never makes the server buffer pushes.
+        Nothing is pushed while the server shuts down: every session ends.
+        """
+        if self.registry.closing:
+            return
+        metrics = self.registry.metrics
+        for other in self.registry.sessionsOf(session.user):
+            if other is session or not other.active or other.mind is None:
+                continue
+            if other.unanswered >= MAX_UNANSWERED:
+                metrics.notified(False)
+                continue
+            other.unanswered += 1
+            # Gone means disconnected: end the session now, not only once
+            # PB gets round to telling of the disconnect.
+            gone = partial(other.close, "disconnected")
+            push(other.mind, method, *args, onGone=gone).addCallback(_answered, other, metrics)
+
+
+def _answered(delivered: bool, session: Session, metrics) -> bool:
+    session.unanswered -= 1
+    return metrics.pushed(delivered)
+
+
+STRATEGY = Strategy(
+    SessionsRealm,
+    "one avatar per user that knows its sessions and tells them of each other",
+    limits=True,
+)

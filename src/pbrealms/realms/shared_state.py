@@ -1,0 +1,38 @@
+"""
+C{--realm=shared-state}: a new avatar per session around the user's cached
+greeter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pbrealms.realms.base import Avatar, Describe, Greeter, Realm, Strategy
+
+
+class SessionAvatar(Avatar):
+    """
+    An avatar made for one session around the user's shared L{Greeter}; it
+    also counts the greetings of its own session.
+    """
+
+    def __init__(self, greeter: Greeter, describe: Describe) -> None:
+        super().__init__(greeter, describe)
+        self.sessionGreetings = 0
+
+    def perspective_greet(self) -> str:
+        self.sessionGreetings += 1
+        return super().perspective_greet()
+
+    def perspective_status(self) -> dict[str, Any]:
+        return {**super().perspective_status(), "session_greetings": self.sessionGreetings}
+
+
+class SharedStateRealm(Realm):
+    name = "shared-state"
+
+    def avatarFor(self, user: str, mind: object) -> Avatar:
+        return SessionAvatar(self.greeter(user), self.describe)
+
+
+STRATEGY = Strategy(SharedStateRealm, "an avatar per session around the user's greeter")
