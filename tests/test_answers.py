@@ -87,7 +87,7 @@ async def test_pushes_answered_with_what_the_server_refuses_keep_the_connection(
         await other.callRemote("greet")
     await eventually(harness.reactor, lambda: len(picky.calls) == 4)
     (session,) = [s for s in served.registry.sessionsOf("alice") if s.mind is not None]
-    await eventually(harness.reactor, lambda: session.unanswered == 0)
+    await eventually(harness.reactor, lambda: session.client.unanswered == 0)
     assert first.connected and session.active
     assert picky.calls == ["opened", "<1>hello alice", "<2>hello alice", "<3>hello alice"]
     assert not closes(log)

@@ -75,7 +75,7 @@ def login(clock, mind, period=1.0):
     registry = SessionRegistry(clock, realm="clock")
     realm = ClockRealm(registry, clock, period)
     session = registry.open("alice", "test", mind)
-    _, avatar, logout = realm.requestAvatar("alice", mind, pb.IPerspective)
+    _, avatar, logout = realm.requestAvatar("alice", session.client, pb.IPerspective)
     session.onClose(logout)
     return session, avatar
 
@@ -197,7 +197,7 @@ def test_one_timer_serves_every_session_due_in_a_slot(clock):
     realm = ClockRealm(registry, clock, 1.0)
     for mind in minds:
         session = registry.open("alice", "test", mind)
-        _, _avatar, logout = realm.requestAvatar("alice", mind, pb.IPerspective)
+        _, _avatar, logout = realm.requestAvatar("alice", session.client, pb.IPerspective)
         session.onClose(logout)
         sessions.append(session)
         clock.advance(0.001)  # 50 logins within 50 ms: five 10 ms slots

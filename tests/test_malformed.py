@@ -775,7 +775,7 @@ async def test_the_count_of_unanswered_pushes_comes_down_whatever_the_answer(
     assert len(pushes) == 1 + greetings
     assert not closes(log)
     assert not hostile.isClosed and session.active
-    assert session.unanswered == 0
+    assert session.client.unanswered == 0
     complaints = [m for m in messages(log) if "client answered" in m]
     if complaint is None:
         assert not complaints

@@ -152,9 +152,9 @@ async def test_pushes_to_a_client_that_stops_reading_are_bounded(harness, reacto
     pushes = served.registry.metrics.pushes
     assert pushes.labels("skipped")._value.get() >= 200 - MAX_UNANSWERED
     session = served.registry.sessionsOf("alice")[1]
-    assert session.unanswered == MAX_UNANSWERED
+    assert session.client.unanswered == MAX_UNANSWERED
     stuck.perspective.broker.transport.resumeProducing()
-    await eventually(reactor, lambda: session.unanswered == 0)
+    await eventually(reactor, lambda: session.client.unanswered == 0)
 
 
 class GoneMind:

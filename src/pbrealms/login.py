@@ -510,10 +510,12 @@ class _Login:
             raise ConnectionGone()
         user = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
         d = self.root.registry.admit(user, self.peer, mind, self.gate)
-        return d.addCallback(self._requestAvatar, user, mind)
+        return d.addCallback(self._requestAvatar, user)
 
-    def _requestAvatar(self, session: Session, user: str, mind: object) -> defer.Deferred:
-        d = defer.maybeDeferred(self.root.realm.requestAvatar, user, mind, pb.IPerspective)
+    def _requestAvatar(self, session: Session, user: str) -> defer.Deferred:
+        # The realm gets the session's client, which owns every push.
+        realm = self.root.realm
+        d = defer.maybeDeferred(realm.requestAvatar, user, session.client, pb.IPerspective)
         d.addCallbacks(
             self._attach, self._realmFailed, callbackArgs=(session,), errbackArgs=(session,)
         )

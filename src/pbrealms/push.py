@@ -1,6 +1,6 @@
 """
-Pushes to clients: calls on a login's mind that never raise, and the clock's
-periodic push.
+Pushes to clients: L{ClientReference}, the one place that calls a login's
+mind, and the clock's periodic push.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.spread import pb
+from zope.interface import implementer
 
 from pbrealms.errors import InvalidPeriod, printable
+from pbrealms.metrics import ServerMetrics
+from pbrealms.protocol import IClient
 
 #: The shortest and longest push periods, in seconds.
 MIN_PERIOD = 0.05
@@ -112,6 +115,81 @@ def notify(mind: pb.RemoteReference, method: str, *args: object) -> bool:
         failed.addErrback(lambda _: None)
         return False
     return True
+
+
+@implementer(IClient)
+class ClientReference:
+    """
+    A login's mind as L{IClient}: the one place that pushes to a client,
+    owning both ways of delivery and their bounds.
+
+      - C{notifyTime} is one-way: it asks for no answer, and it is skipped
+        while the connection cannot take more (see L{notify}), so a client
+        that stops reading costs at most its transport's buffer.
+      - C{notifyGreeting}, C{notifySessionOpened} and C{notifySessionClosed}
+        ask for an answer, and at most L{MAX_UNANSWERED} of them wait for
+        theirs: more are skipped, so the server never queues pushes for a
+        client that does not answer.  A client found gone meanwhile is
+        reported to C{onGone} at once, not only once PB tells of the
+        disconnect.
+      - C{notifyKicked} and C{notifyShutdown} are the last word: they ask for
+        an answer whatever the count, log no error the client answers with,
+        and return a L{Deferred} of whether the client answered.
+
+    Every push is counted in C{metrics}; none raises.
+
+    @ivar mind: what the client passed at login.
+    @ivar unanswered: how many capped pushes await their answer.
+    """
+
+    __slots__ = ("_metrics", "_onGone", "mind", "unanswered")
+
+    def __init__(
+        self,
+        mind: pb.RemoteReference,
+        metrics: ServerMetrics,
+        onGone: Callable[[], object] = lambda: None,
+    ) -> None:
+        self.mind = mind
+        self._metrics = metrics
+        self._onGone = onGone
+        self.unanswered = 0
+
+    def notifyTime(self, seconds: float) -> bool:
+        """
+        @return: whether the push was sent.
+        """
+        return self._metrics.notified(notify(self.mind, "notifyTime", seconds))
+
+    def notifyGreeting(self, text: str) -> None:
+        self._capped("notifyGreeting", text)
+
+    def notifySessionOpened(self, info: dict) -> None:
+        self._capped("notifySessionOpened", info)
+
+    def notifySessionClosed(self, info: dict) -> None:
+        self._capped("notifySessionClosed", info)
+
+    def notifyKicked(self, reason: str) -> defer.Deferred[bool]:
+        return self._lastWord("notifyKicked", reason)
+
+    def notifyShutdown(self, reason: str) -> defer.Deferred[bool]:
+        return self._lastWord("notifyShutdown", reason)
+
+    def _capped(self, method: str, *args: object) -> None:
+        if self.unanswered >= MAX_UNANSWERED:
+            self._metrics.notified(False)
+            return
+        self.unanswered += 1
+        push(self.mind, method, *args, onGone=self._onGone).addCallback(self._answered)
+
+    def _answered(self, delivered: bool) -> bool:
+        self.unanswered -= 1
+        return self._metrics.pushed(delivered)
+
+    def _lastWord(self, method: str, reason: str) -> defer.Deferred[bool]:
+        d = push(self.mind, method, reason, quiet=True)
+        return d.addCallback(self._metrics.pushed)
 
 
 class PushScheduler:

@@ -24,7 +24,6 @@ from pbrealms.checkers import PasswordHasher
 from pbrealms.descriptors import MAKING_ROOM
 from pbrealms.login import LoginRoot
 from pbrealms.notify import notify
-from pbrealms.push import push
 from pbrealms.sessions import SessionRegistry
 from pbrealms.wire import (
     MAX_DEPTH,
@@ -221,22 +220,16 @@ class GracefulShutdown(service.Service):
         self.registry.closing = True
         if self.hasher is not None:
             self.hasher.close()
-        sessions = [s for s in self.registry if s.mind is not None]
-        if sessions:
+        clients = [s.client for s in self.registry if s.client is not None]
+        if clients:
             _log.info(
                 "shutting down: telling {told} session{s}, waiting up to {grace:g} s for answers",
-                told=len(sessions),
-                s="" if len(sessions) == 1 else "s",
+                told=len(clients),
+                s="" if len(clients) == 1 else "s",
                 grace=self.grace,
             )
-        pushed = self.registry.metrics.pushed
         # Best effort: a client object need not know notifyShutdown.
-        told = defer.DeferredList(
-            [
-                push(s.mind, "notifyShutdown", self.reason, quiet=True).addCallback(pushed)
-                for s in sessions
-            ]
-        )
+        told = defer.DeferredList([client.notifyShutdown(self.reason) for client in clients])
         told.addTimeout(self.grace, self.clock)
         told.addErrback(lambda f: f.trap(defer.TimeoutError))
         yield told

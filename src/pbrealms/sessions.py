@@ -11,19 +11,21 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
+from functools import partial
 from itertools import count
 from operator import attrgetter
-from typing import Protocol
+from typing import Protocol, cast
 
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.spread import pb
 
 from pbrealms.errors import ShuttingDown, TooManyConnections
 from pbrealms.metrics import ServerMetrics
-from pbrealms.push import push
+from pbrealms.push import ClientReference
 
 #: What to do with a login of a user who has as many sessions as allowed.
 REFUSE, REPLACE_OLDEST, REPLACE_STALE = "refuse", "replace-oldest", "replace-stale"
@@ -87,15 +89,17 @@ class Session:
     @ivar since: when the session was admitted, in seconds since the epoch.
     @ivar mind: what the client passed to login as its client object, or
         L{None}.
+    @ivar client: its mind as L{pbrealms.protocol.IClient}, what the server pushes through;
+        L{None} without a mind.
     @ivar connection: the connection the session came on, or L{None}.
     @ivar lastCall: when the client last called its avatar (or logged in).
-    @ivar unanswered: how many pushes to its mind await their answer.
     """
 
     __slots__ = (
         "_onClose",
         "_registry",
         "active",
+        "client",
         "closed",
         "connection",
         "id",
@@ -103,7 +107,6 @@ class Session:
         "mind",
         "peer",
         "since",
-        "unanswered",
         "user",
     )
 
@@ -123,9 +126,15 @@ class Session:
         self.peer = peer
         self.since = since
         self.mind = mind
+        self.client: ClientReference | None = None
+        if mind is not None:
+            # A client may pass anything as its mind: pushes to one that is
+            # not a reference fail as an error answer would.
+            reference = cast(pb.RemoteReference, mind)
+            onGone = partial(self.close, "disconnected")
+            self.client = ClientReference(reference, registry.metrics, onGone)
         self.connection = connection
         self.lastCall = since
-        self.unanswered = 0
         self.active = False
         self.closed = False
         self._onClose: list[Callable[[], object]] = []
@@ -431,14 +440,13 @@ class SessionRegistry:
         Tell C{session} that it is replaced, and wait up to C{pingTimeout}
         for its answer.  Best effort: the session goes either way.
         """
-        if session.mind is None:
+        if session.client is None:
             return defer.succeed(None)
         # The same words as the log line: which session, which newcomer.
         reason = (
             f"{session.user}'s session {session.id} from {session.peer} {REPLACED} from {newPeer}"
         )
-        told = push(session.mind, "notifyKicked", reason, quiet=True)
-        told.addCallback(self.metrics.pushed)
+        told = session.client.notifyKicked(reason)
         return told.addTimeout(self.pingTimeout, self.clock).addErrback(lambda _: None)
 
     def drop(

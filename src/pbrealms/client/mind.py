@@ -9,6 +9,9 @@ import weakref
 from collections.abc import Callable
 
 from twisted.spread import pb
+from zope.interface import implementer
+
+from pbrealms.protocol import IClient
 
 
 def _ignore(_: object) -> None:
@@ -29,10 +32,12 @@ class Kicked(Exception):
         self.reason = reason
 
 
+@implementer(IClient)
 class ClientMind(pb.Referenceable):
     """
-    The client object passed at login, which the server pushes to.  Each push
-    calls the keyword argument of the same name, which by default ignores it:
+    The client object passed at login, which the server pushes to: L{IClient}
+    served to PB as C{remote_} methods.  Each push calls the keyword argument
+    of the same name, which by default ignores it:
 
       - C{onTime(seconds)}: C{notifyTime}, the time (in seconds since the
         epoch) that the clock realm pushes once per period;
@@ -86,23 +91,31 @@ class ClientMind(pb.Referenceable):
         finally:
             self._pushedOn = None
 
-    def remote_notifyTime(self, seconds: float) -> None:
+    def notifyTime(self, seconds: float) -> None:
         self.onTime(seconds)
 
-    def remote_notifyShutdown(self, reason: str) -> None:
+    def notifyShutdown(self, reason: str) -> None:
         self.onShutdown(reason)
 
-    def remote_notifyGreeting(self, text: str) -> None:
+    def notifyGreeting(self, text: str) -> None:
         self.onGreeting(text)
 
-    def remote_notifySessionOpened(self, info: dict) -> None:
+    def notifySessionOpened(self, info: dict) -> None:
         self.onSessionOpened(info)
 
-    def remote_notifySessionClosed(self, info: dict) -> None:
+    def notifySessionClosed(self, info: dict) -> None:
         self.onSessionClosed(info)
 
-    def remote_notifyKicked(self, reason: str) -> None:
+    def notifyKicked(self, reason: str) -> None:
         reason = str(reason)
         if self._pushedOn is not None:
             self._kicked[self._pushedOn] = reason
         self.onKicked(reason)
+
+    # What PB calls: the pushes IClient declares, by their names on the wire.
+    remote_notifyTime = notifyTime
+    remote_notifyShutdown = notifyShutdown
+    remote_notifyGreeting = notifyGreeting
+    remote_notifySessionOpened = notifySessionOpened
+    remote_notifySessionClosed = notifySessionClosed
+    remote_notifyKicked = notifyKicked

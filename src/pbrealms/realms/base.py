@@ -19,6 +19,7 @@ from twisted.spread import pb
 from zope.interface import implementer
 
 from pbrealms.errors import dispatch
+from pbrealms.push import ClientReference
 from pbrealms.sessions import Session, SessionRegistry
 
 #: What C{status} answers about a user.
@@ -117,13 +118,17 @@ class Realm:
             greeter = self._greeters[user] = Greeter(user)
         return greeter
 
-    def requestAvatar(self, avatarId: str, mind: object, *interfaces: Any):
+    def requestAvatar(self, avatarId: str, mind: ClientReference | None, *interfaces: Any):
+        """
+        @param mind: the session's client, which the realm pushes to, or
+            L{None} if the login passed no mind.
+        """
         if pb.IPerspective not in interfaces:
             raise NotImplementedError("pbrealms only serves pb.IPerspective")
         avatar = self.avatarFor(avatarId, mind)
         return pb.IPerspective, avatar, getattr(avatar, "logout", _nothing)
 
-    def avatarFor(self, user: str, mind: object) -> Avatar:
+    def avatarFor(self, user: str, client: ClientReference | None) -> Avatar:
         raise NotImplementedError
 
     def describe(self, user: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
 
+from pbrealms.push import ClientReference
 from pbrealms.realms.base import Avatar, Realm, Strategy
 from pbrealms.sessions import SessionRegistry
 
@@ -22,7 +23,7 @@ class CacheRealm(Realm):
         super().__init__(registry, clock)
         self._avatars: dict[str, Avatar] = {}
 
-    def avatarFor(self, user: str, mind: object) -> Avatar:
+    def avatarFor(self, user: str, client: ClientReference | None) -> Avatar:
         avatar = self._avatars.get(user)
         if avatar is None:
             avatar = self._avatars[user] = self.makeAvatar(user)

@@ -3,7 +3,7 @@ C{--realm=clock}: a new avatar per session that pushes the time to the
 client's mind, at once and then once per period (C{--period}, C{setperiod}).
 
 Pushes ask for no answer, and one whose connection's buffer is full is
-skipped (see L{notify}); all sessions share one L{PushScheduler}.
+skipped (see L{ClientReference}); all sessions share one L{PushScheduler}.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from functools import partial
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.spread import pb
 
 from pbrealms.errors import MindRequired
-from pbrealms.push import PeriodicPush, PushScheduler, notify, validatePeriod
+from pbrealms.push import ClientReference, PeriodicPush, PushScheduler, validatePeriod
 from pbrealms.realms.base import Avatar, Describe, Greeter, Realm, Strategy
 from pbrealms.realms.shared_state import SessionAvatar
 from pbrealms.sessions import SessionRegistry
@@ -68,16 +67,16 @@ class ClockRealm(Realm):
     ) -> Realm:
         return cls(registry, clock, settings["period"])
 
-    def avatarFor(self, user: str, mind: object) -> Avatar:
-        if mind is None:
+    def avatarFor(self, user: str, client: ClientReference | None) -> Avatar:
+        if client is None:
             raise MindRequired(self.name)
-        ticker = PeriodicPush(self.scheduler, self.period, partial(self._pushTime, mind))
+        ticker = PeriodicPush(self.scheduler, self.period, partial(self._pushTime, client))
         avatar = ClockAvatar(self.greeter(user), self.describe, ticker)
         ticker.start()
         return avatar
 
-    def _pushTime(self, mind: pb.RemoteReference) -> bool:
-        return self.registry.metrics.notified(notify(mind, "notifyTime", self.clock.seconds()))
+    def _pushTime(self, client: ClientReference) -> bool:
+        return client.notifyTime(self.clock.seconds())
 
 
 STRATEGY = Strategy(

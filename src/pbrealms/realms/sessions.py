@@ -14,12 +14,13 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 
 from pbrealms.errors import dispatch
-from pbrealms.push import MAX_UNANSWERED, push
+from pbrealms.push import ClientReference
 from pbrealms.realms.base import Avatar, Describe, Greeter, Strategy
 from pbrealms.realms.limited import LimitedRealm
 from pbrealms.sessions import Session, SessionRegistry
 
-#: Pushes C{method(*args)} to the other sessions of a session's user.
+#: Pushes to the other sessions of a session's user: called with the
+#: session, a L{ClientReference} method (unbound) and its arguments.
 TellOthers = Callable[..., None]
 
 
@@ -39,8 +40,9 @@ class SessionsAvatar(Avatar):
     ) -> None:
         """
         @param sessions: the user's current sessions, oldest first.
-        @param tellOthers: called with a session, a method name and its
-            arguments, pushes them to the user's other sessions.
+        @param tellOthers: called with a session, a L{ClientReference}
+            method and its arguments, pushes them to the user's other
+            sessions.
         """
         super().__init__(greeter, describe)
         self.sessions = sessions
@@ -56,7 +58,7 @@ class SessionsAvatar(Avatar):
         other sessions.
         """
         text = self.greeter.greet()
-        self.tellOthers(caller, "notifyGreeting", text)
+        self.tellOthers(caller, ClientReference.notifyGreeting, text)
         return text
 
     def perspective_status(self, caller: Session) -> dict[str, Any]:
@@ -94,38 +96,24 @@ class SessionsRealm(LimitedRealm):
         return [s for s in self.registry.sessionsOf(user) if s.active]
 
     def sessionOpened(self, session: Session) -> None:
-        self.tellOthers(session, "notifySessionOpened", session.info())
+        self.tellOthers(session, ClientReference.notifySessionOpened, session.info())
 
     def sessionClosed(self, session: Session, reason: str) -> None:
-        self.tellOthers(session, "notifySessionClosed", {**session.info(), "reason": reason})
+        info = {**session.info(), "reason": reason}
+        self.tellOthers(session, ClientReference.notifySessionClosed, info)
 
-    def tellOthers(self, session: Session, method: str, *args: object) -> None:
+    def tellOthers(self, session: Session, method: Callable[..., object], *args: object) -> None:
         """
-        Push C{method(*args)} to every other logged-in session of
-        C{session}'s user that has a mind.  A session found gone ends.  A
-        session with L{MAX_UNANSWERED} pushes unanswered is skipped, so that
-        a client that stops reading never makes the server buffer pushes.
-        Nothing is pushed while the server shuts down: every session ends.
+        Call C{method(client, *args)} on the client of every other logged-in
+        session of C{session}'s user that has a mind; each client bounds what
+        it holds (see L{ClientReference}).  Nothing is pushed while the
+        server shuts down: every session ends.
         """
         if self.registry.closing:
             return
-        metrics = self.registry.metrics
         for other in self.registry.sessionsOf(session.user):
-            if other is session or not other.active or other.mind is None:
-                continue
-            if other.unanswered >= MAX_UNANSWERED:
-                metrics.notified(False)
-                continue
-            other.unanswered += 1
-            # Gone means disconnected: end the session now, not only once
-            # PB gets round to telling of the disconnect.
-            gone = partial(other.close, "disconnected")
-            push(other.mind, method, *args, onGone=gone).addCallback(_answered, other, metrics)
-
-
-def _answered(delivered: bool, session: Session, metrics) -> bool:
-    session.unanswered -= 1
-    return metrics.pushed(delivered)
+            if other is not session and other.active and other.client is not None:
+                method(other.client, *args)
 
 
 STRATEGY = Strategy(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pbrealms.push import ClientReference
 from pbrealms.realms.base import Avatar, Describe, Greeter, Realm, Strategy
 
 
@@ -31,7 +32,7 @@ class SessionAvatar(Avatar):
 class SharedStateRealm(Realm):
     name = "shared-state"
 
-    def avatarFor(self, user: str, mind: object) -> Avatar:
+    def avatarFor(self, user: str, client: ClientReference | None) -> Avatar:
         return SessionAvatar(self.greeter(user), self.describe)
 
 
