@@ -51,8 +51,8 @@ def idOf(served, conn) -> int:
         s
         for s in served.registry
         if s.connection is not None
-        and s.connection.broker in local
-        and s.connection.broker.transport.getPeer().port == broker.transport.getHost().port
+        and s.connection in local
+        and s.connection.transport.getPeer().port == broker.transport.getHost().port
     ]
     return session.id
 

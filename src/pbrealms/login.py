@@ -49,11 +49,6 @@ from pbrealms.sessions import ConnectionGone, Session, SessionRegistry
 
 _log = Logger()
 
-# The name pings are sent to.  No client has an object of that name, so
-# every PB client answers at once with a "no such object" error, and logs
-# nothing: PB has no ping of its own, and this needs no client object.
-_PING = b"pbrealms.ping"
-
 #: How many login challenges one connection may hold at once.  Each stays in
 #: the broker's tables until the client drops its reference to it, which a
 #: hostile client never does; a client logging in holds one.
@@ -138,7 +133,7 @@ class LoginRoot:
         limit = self.maxUnauthenticated
         return limit is None or self.unauthenticated.get(host, 0) < limit
 
-    def rootObject(self, broker: pb.Broker) -> pb.Referenceable:
+    def rootObject(self, broker: wire.LimitedBroker) -> pb.Referenceable:
         # A closing connection's abort runs on the registry's clock, as the
         # login's timers do.
         broker.clock = self.registry.clock
@@ -153,12 +148,11 @@ class _LoginGate(_RemoteObject):
     the connection's failed logins and its time to log in.
     """
 
-    def __init__(self, root: LoginRoot, broker: pb.Broker) -> None:
+    def __init__(self, root: LoginRoot, broker: wire.LimitedBroker) -> None:
         self.root = root
         self.broker = broker
         self.failures = 0
         self.checking = False
-        self.dropped = False
         # Challenges handed out that the client still holds (MAX_CHALLENGES).
         self.challenges = 0
         self._challengesRefused = False
@@ -181,7 +175,7 @@ class _LoginGate(_RemoteObject):
         """
         self._host = host
         self.root.unauthenticated[host] = self.root.unauthenticated.get(host, 0) + 1
-        self.root.waiting.add(host, self)
+        self.root.waiting.add(host, self.broker)
         penalties = self.root.penalties
         if penalties is not None and penalties.penalty(host):
             # Accepted only to be told why: a short time to ask, and to read
@@ -246,16 +240,13 @@ class _LoginGate(_RemoteObject):
         if self.closing:
             return
         self.closing = True
-        ignoreInput = getattr(self.broker, "ignoreInput", None)
-        if ignoreInput is not None:
-            ignoreInput()
-        close = getattr(self.broker, "closeAfterAnswer", self.broker.transport.loseConnection)
-        self.root.registry.clock.callLater(0, close)
+        self.broker.ignoreInput()
+        self.root.registry.clock.callLater(0, self.broker.closeAfterAnswer)
 
     def _authenticated(self) -> None:
         host, self._host = self._host, None
         if host is not None:
-            self.root.waiting.remove(host, self)
+            self.root.waiting.remove(host, self.broker)
             count = self.root.unauthenticated[host] - 1
             if count:
                 self.root.unauthenticated[host] = count
@@ -269,36 +260,6 @@ class _LoginGate(_RemoteObject):
     @property
     def peer(self) -> str:
         return describeAddress(self.broker.transport.getPeer())
-
-    @property
-    def connected(self) -> bool:
-        return not (self.broker.disconnected or self.dropped)
-
-    def ping(self, timeout: float | None = None) -> defer.Deferred[bool]:
-        """
-        Ask the client for any answer (see L{sessions.Connection.ping}).
-        """
-        if self.broker.disconnected:
-            return defer.succeed(False)
-        d = self.broker.remoteForName(_PING).callRemote("ping")
-        if timeout is not None:
-            d.addTimeout(timeout, self.root.registry.clock)
-        # An error is an answer too; only a lost connection or silence is not.
-        return d.addCallbacks(
-            lambda _: True,
-            lambda f: not f.check(pb.PBConnectionLost, pb.DeadReferenceError, defer.TimeoutError),
-        )
-
-    def drop(self) -> None:
-        if self.dropped or self.broker.disconnected:
-            return
-        self.dropped = True
-        # Nothing more is read (what is already buffered included), and the
-        # connection counts as gone at once, not only once it has closed.
-        ignoreInput = getattr(self.broker, "ignoreInput", None)
-        if ignoreInput is not None:
-            ignoreInput()
-        self.broker.transport.abortConnection()
 
     def begin(self) -> None:
         """
@@ -509,7 +470,7 @@ class _Login:
         if self.broker.disconnected:
             raise ConnectionGone()
         user = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
-        d = self.root.registry.admit(user, self.peer, mind, self.gate)
+        d = self.root.registry.admit(user, self.peer, mind, self.broker)
         return d.addCallback(self._requestAvatar, user)
 
     def _requestAvatar(self, session: Session, user: str) -> defer.Deferred:

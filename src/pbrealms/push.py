@@ -103,8 +103,10 @@ def notify(mind: pb.RemoteReference, method: str, *args: object) -> bool:
 
     @return: whether the call was sent; nothing is raised.
     """
+    # A client may pass anything as its mind; a reference's broker is the
+    # connection it came on (an IConnection).
     broker = getattr(mind, "broker", None)
-    if broker is None or broker.disconnected or getattr(broker, "writeBlocked", False):
+    if broker is None or broker.disconnected or broker.writeBlocked:
         return False
     try:
         failed = mind.callRemote(method, *args, pbanswer=0)

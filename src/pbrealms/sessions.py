@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
+from pbrealms.connection import IConnection
 from pbrealms.errors import ShuttingDown, TooManyConnections
 from pbrealms.metrics import ServerMetrics
 from pbrealms.push import ClientReference
@@ -46,27 +47,6 @@ class ConnectionGone(Exception):
     """
     The client disconnected before its login completed.
     """
-
-
-class Connection(Protocol):
-    """
-    What the registry may do with the connection a session came on.
-    """
-
-    @property
-    def connected(self) -> bool: ...
-
-    def ping(self, timeout: float | None = None) -> defer.Deferred[bool]:
-        """
-        Ask the client for an answer.  The L{Deferred} fires with C{True} if
-        it answers, C{False} if the connection is lost first or C{timeout}
-        seconds pass; it never fails.
-        """
-
-    def drop(self) -> None:
-        """
-        Close the connection at once, whatever is left unsent.
-        """
 
 
 class SessionObserver(Protocol):
@@ -118,7 +98,7 @@ class Session:
         peer: str,
         since: float,
         mind: object,
-        connection: Connection | None = None,
+        connection: IConnection | None = None,
     ) -> None:
         self._registry = registry
         self.id = id
@@ -201,7 +181,7 @@ class _Turns:
 
     def __init__(self) -> None:
         self.locked = False
-        self.waiting: list[tuple[defer.Deferred[None], Connection | None]] = []
+        self.waiting: list[tuple[defer.Deferred[None], IConnection | None]] = []
         self._handing = False
 
     @property
@@ -211,7 +191,7 @@ class _Turns:
         """
         return not (self.locked or self.waiting or self._handing)
 
-    def acquire(self, connection: Connection | None) -> defer.Deferred[None]:
+    def acquire(self, connection: IConnection | None) -> defer.Deferred[None]:
         """
         @return: a L{Deferred} firing once it is this login's turn, or
             failing with L{ConnectionGone} if L{prune} finds C{connection}
@@ -232,7 +212,7 @@ class _Turns:
         Fail at once the waiters whose connection has closed, which would
         fail at their turn anyway.
         """
-        kept: list[tuple[defer.Deferred[None], Connection | None]] = []
+        kept: list[tuple[defer.Deferred[None], IConnection | None]] = []
         gone: list[defer.Deferred[None]] = []
         for d, connection in self.waiting:
             if connection is not None and not connection.connected:
@@ -322,7 +302,7 @@ class SessionRegistry:
         self._observers.append(observer)
 
     def open(
-        self, user: str, peer: str, mind: object = None, connection: Connection | None = None
+        self, user: str, peer: str, mind: object = None, connection: IConnection | None = None
     ) -> Session:
         """
         Admit a new session of C{user} if there is room for it.
@@ -340,7 +320,7 @@ class SessionRegistry:
         return session
 
     def admit(
-        self, user: str, peer: str, mind: object = None, connection: Connection | None = None
+        self, user: str, peer: str, mind: object = None, connection: IConnection | None = None
     ) -> defer.Deferred[Session]:
         """
         Admit a new session of C{user}, making room for it as C{whenFull}
@@ -386,7 +366,7 @@ class SessionRegistry:
         return turns.acquire(connection).addCallback(myTurn)
 
     async def _replaceAndOpen(
-        self, user: str, peer: str, mind: object, connection: Connection | None
+        self, user: str, peer: str, mind: object, connection: IConnection | None
     ) -> Session:
         while True:
             self._stillWanted(connection)
@@ -420,7 +400,7 @@ class SessionRegistry:
                         successor=peer,
                     )
 
-    def _stillWanted(self, connection: Connection | None) -> None:
+    def _stillWanted(self, connection: IConnection | None) -> None:
         """
         @raise ShuttingDown: if the server is shutting down.
         @raise ConnectionGone: if the login's connection has closed.
@@ -603,7 +583,7 @@ class Keepalive(service.Service):
     def __init__(self, registry: SessionRegistry, interval: float) -> None:
         self.registry = registry
         self.interval = interval
-        self._unanswered: set[Connection] = set()
+        self._unanswered: set[IConnection] = set()
         self._sweeper = task.LoopingCall(self.sweep)
         self._sweeper.clock = registry.clock
 
@@ -621,7 +601,7 @@ class Keepalive(service.Service):
         Drop the connections that did not answer the last ping; ping the
         others.
         """
-        byConnection: dict[Connection, list[Session]] = {}
+        byConnection: dict[IConnection, list[Session]] = {}
         for session in self.registry:
             if session.active and session.connection is not None:
                 byConnection.setdefault(session.connection, []).append(session)
@@ -638,5 +618,5 @@ class Keepalive(service.Service):
                 self._unanswered.add(connection)
                 connection.ping().addCallback(self._answered, connection)
 
-    def _answered(self, alive: bool, connection: Connection) -> None:
+    def _answered(self, alive: bool, connection: IConnection) -> None:
         self._unanswered.discard(connection)

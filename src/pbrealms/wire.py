@@ -21,9 +21,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import jelly, pb
+from zope.interface import implementer
 
 from pbrealms import commands
 from pbrealms.addresses import describeAddress
+from pbrealms.connection import IConnection
 from pbrealms.errors import MessageTooLarge, PagingRefused, UndecodableAnswer, printable
 
 #: The defaults: the most bytes one incoming message may have, and how deep
@@ -71,6 +73,11 @@ _LIST_COST = 64 + 48 + _SLOT
 #: listStack, a tuple (number, list) of 56 bytes (a block of 64), the
 #: number (an int, 32), and the entry's pointer in listStack.
 _OPEN_COST = 64 + 32 + 8
+
+# The name pings are sent to.  No client has an object of that name, so
+# every PB client answers at once with a "no such object" error, and logs
+# nothing: PB has no ping of its own, and this needs no client object.
+_PING = b"pbrealms.ping"
 
 _log = Logger()
 _NOTHING = object()
@@ -169,10 +176,13 @@ def _undecodable(what: str, error: Exception) -> Failure:
     return Failure(UndecodableAnswer(f"{what} that cannot be decoded ({name}: {detail})"))
 
 
+@implementer(IConnection)
 class LimitedBroker(pb.Broker):
     """
-    A PB broker whose decoder refuses a message larger than C{maxMessageBytes}
-    or nested deeper than C{maxDepth}, before building anything from it.
+    A client's connection (L{IConnection}): a PB broker that pings, drops and
+    closes its connection for the rest of the server, and whose decoder
+    refuses a message larger than C{maxMessageBytes} or nested deeper than
+    C{maxDepth}, before building anything from it.
 
     It reads from a buffer by position, so a large message costs linear time
     (Banana copies the rest of its buffer for every item).
@@ -217,6 +227,8 @@ class LimitedBroker(pb.Broker):
     quiet = False
     #: Bytes that arrived since input was refused, read only to be dropped.
     _discarded = 0
+    #: Whether drop() was called: the connection counts as gone at once.
+    _dropped = False
 
     def connectionMade(self) -> None:
         self._pending = bytearray()
@@ -253,6 +265,43 @@ class LimitedBroker(pb.Broker):
         self.writeBlocked = True
         self._steer()
 
+    #: Whether the transport was made (BaseProtocol sets C{connected}).
+    _made = False
+
+    @property  # type: ignore[override]
+    def connected(self) -> bool:
+        return self._made and not (self.disconnected or self._dropped)
+
+    @connected.setter
+    def connected(self, made: bool) -> None:
+        self._made = bool(made)
+
+    def ping(self, timeout: float | None = None) -> defer.Deferred[bool]:
+        if self.disconnected:
+            return defer.succeed(False)
+        d = self.remoteForName(_PING).callRemote("ping")
+        if timeout is not None:
+            d.addTimeout(timeout, self._clock())
+        # An error is an answer too; only a lost connection or silence is not.
+        return d.addCallbacks(
+            lambda _: True,
+            lambda f: not f.check(pb.PBConnectionLost, pb.DeadReferenceError, defer.TimeoutError),
+        )
+
+    def drop(self) -> None:
+        if self._dropped or self.disconnected:
+            return
+        self._dropped = True
+        self.ignoreInput()
+        self.transport.abortConnection()
+
+    def _clock(self) -> IReactorTime:
+        if self.clock is not None:
+            return self.clock
+        from twisted.internet import reactor
+
+        return reactor  # type: ignore[return-value]
+
     def closeGracefully(self) -> None:
         """
         Close the connection once what is buffered has been written, and
@@ -275,10 +324,7 @@ class LimitedBroker(pb.Broker):
         otherwise hold it for ever.
         """
         if self._abort is None and not self.disconnected:
-            clock = self.clock
-            if clock is None:
-                from twisted.internet import reactor as clock
-            self._abort = clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
+            self._abort = self._clock().callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
         self.closeGracefully()
 
     def registerPageProducer(self, pager) -> None:
