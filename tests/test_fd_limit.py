@@ -345,7 +345,9 @@ def test_at_the_cap_few_newcomers_take_a_place_per_turn(passwd):
 
     clock = Clock()
     registry = SessionRegistry(clock, realm="cache")
-    root = LoginRoot(PasswordFile(str(passwd)), REALMS["cache"].realm.build(registry, clock, {}), registry)
+    root = LoginRoot(
+        PasswordFile(str(passwd)), REALMS["cache"].realm.build(registry, clock, {}), registry
+    )
     factory = PBServerFactory(root, wireSecurity(), maxConnections=20)
 
     def connect(host: str):
