@@ -53,6 +53,19 @@ def interpreter(version: str) -> str:
     return shutil.which(f"python{version}", path=path) or f"python{version}"
 
 
+def lowestPins() -> dict[str, Version]:
+    """
+    Each dependency's pin in .ci/lowest.txt, by its canonical name.
+    """
+    pins = {}
+    for line in LOWEST.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = Version(version.strip())
+    return pins
+
+
 def suite(session: nox.Session, extras: str, *pipArgs: str) -> None:
     session.chdir(ROOT)
     session.install(*pipArgs, f".[{extras}]")
@@ -63,12 +76,20 @@ def suite(session: nox.Session, extras: str, *pipArgs: str) -> None:
 
 @nox.session(python=interpreter("3.11"))
 def lint(session: nox.Session) -> None:
+    """
+    ruff, then mypy (configured in pyproject.toml) on the package as
+    installed with its runtime dependencies, whose types it reads.
+    """
     session.chdir(ROOT)
-    # ruff at the version pyproject.toml asks for at least, so a new release
-    # cannot fail the lint with no change of ours.
-    session.install("--constraint", str(LOWEST), "ruff")
+    # The tools at the versions pyproject.toml asks for at least, so that a
+    # new release of one cannot fail the lint with no change of ours; the
+    # package as the README installs it, as the tests-* sessions do (a
+    # constraint file would pin its dependencies too).
+    tools = lowestPins()
+    session.install(*(f"{name}=={tools[name]}" for name in ("ruff", "mypy", "mypy-zope")), ".")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
 
 
 for _version in PYTHONS:
@@ -90,12 +111,7 @@ def lowest(session: nox.Session) -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     declared = [Requirement(r) for r in project["dependencies"] + extras["test"] + extras["bench"]]
-    pins = {}
-    for line in LOWEST.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, version = line.split("==")
-            pins[canonicalize_name(name)] = Version(version.strip())
+    pins = lowestPins()
     for req in declared:
         bounds = [Version(s.version) for s in req.specifier if s.operator == ">="]
         if len(bounds) != 1:

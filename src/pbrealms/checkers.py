@@ -10,7 +10,6 @@ whatever the number of users, and read again only when it changes.
 from __future__ import annotations
 
 import codecs
-import functools
 import hmac
 import ipaddress
 import os
@@ -21,6 +20,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 from twisted.application import service
@@ -28,6 +28,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -188,10 +189,15 @@ class UsernamePasswordFrom(UsernamePassword):
 BUSY_LOG_INTERVAL = 10.0
 
 
-class _DaemonThreadPool(ThreadPool):
+class _DaemonThread(threading.Thread):
     # A hash of cost 16 takes seconds, and nobody waits for its answer once
     # the server stops: the process may exit without waiting for it.
-    threadFactory = staticmethod(functools.partial(threading.Thread, daemon=True))
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, daemon=True, **kwargs)
+
+
+class _DaemonThreadPool(ThreadPool):
+    threadFactory = _DaemonThread
 
 
 class _Check:
@@ -348,7 +354,11 @@ class PasswordHasher(service.Service):
             self._pool.start()
             if not self.running:
                 reactor.addSystemEventTrigger("during", "shutdown", self.stop)
-        return threads.deferToThreadPool(reactor, self._pool, _checkpw, password, hashed)
+        # Adapted: the reactor module's type does not name IReactorFromThreads,
+        # which every reactor provides.
+        return threads.deferToThreadPool(
+            IReactorFromThreads(reactor), self._pool, _checkpw, password, hashed
+        )
 
     def close(self) -> None:
         """
@@ -499,7 +509,11 @@ class PasswordFile:
         )
         return True
 
-    def requestAvatarId(self, credentials: IUsernameHashedPassword) -> defer.Deferred[str]:
+    # Twisted types avatar IDs as bytes; ours are the user names as text, which
+    # the Portal hands to our realms untouched.
+    def requestAvatarId(  # type: ignore[override]
+        self, credentials: IUsernameHashedPassword
+    ) -> defer.Deferred[str]:
         """
         Check C{credentials} against the table.
 
@@ -518,6 +532,8 @@ class PasswordFile:
         if isinstance(username, str):
             username = username.encode("utf-8")
         password = self._users.get(username)
+        # Twisted's checkPassword may answer with a Deferred.
+        matched: bool | defer.Deferred[bool]
         if IUsernamePassword.providedBy(credentials):
             given = credentials.password
             if isinstance(given, str):
@@ -527,7 +543,7 @@ class PasswordFile:
                 source = getattr(credentials, "source", None)
                 checked = self.hasher.check(given, hashed, source=source)
                 return checked.addCallback(self._verdict, username, password)
-            matched: object = hmac.compare_digest(given, hashed or _NO_SUCH_USER)
+            matched = hmac.compare_digest(given, hashed or _NO_SUCH_USER)
         elif password is not None and isHashed(password):
             matched = False  # PB's challenge needs what a hash does not give
         else:

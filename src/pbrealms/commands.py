@@ -280,11 +280,10 @@ def failureState(fail: Failure | BaseException) -> dict:
         message = _INTERNAL
     else:
         message = reflect.safe_str(fail.value)[:MAX_ERROR_TEXT]
-    kind = fail.type
-    if isinstance(kind, type):
-        kind = reflect.qual(kind)
+    # Not a type in a failure copied from a PB peer: there it is the name of one.
+    kind = reflect.qual(fail.type) if isinstance(fail.type, type) else _text(fail.type)
     parents = [_text(p) if isinstance(p, (bytes, str)) else reflect.qual(p) for p in fail.parents]
-    return _copyableState(_text(kind).encode("utf-8"), message, parents)
+    return _copyableState(kind.encode("utf-8"), message, parents)
 
 
 def _copyableState(kind: bytes, message: str, parents: list[str]) -> dict:

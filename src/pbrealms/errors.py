@@ -10,6 +10,7 @@ C{failure.check(UnauthorizedLogin)}.
 
 import inspect
 import math
+from collections.abc import Callable
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.python.failure import Failure
@@ -265,7 +266,9 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _misfit(method: object, hidden: int, args: list | tuple, kw: dict, error: TypeError) -> str:
+def _misfit(
+    method: Callable[..., object], hidden: int, args: list | tuple, kw: dict, error: TypeError
+) -> str:
     """
     Why C{args} and C{kw} do not fit C{method}, counted as the client sees
     the method: Python's own text counts C{self} and the C{hidden}

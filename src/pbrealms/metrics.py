@@ -12,9 +12,11 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall, ISystemHandle, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols import basic
+from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
 from pbrealms.addresses import sourceOf
@@ -251,6 +253,11 @@ class _Channel(http.HTTPChannel):
     _refused = False
     #: The address it comes from, as L{sourceOf} gives it.
     source = ""
+    #: Set by the site as it builds the channel.
+    site: MetricsSite
+    # What the site's endpoints give (a TCP or UNIX socket, or TLS over one):
+    # each provides ITCPTransport, whose abortConnection this calls.
+    transport: ITCPTransport | None
     # A finished request whose connection waits for the transport to drain
     # before it goes on to the next one.
     _held: http.Request | None = None
@@ -259,11 +266,15 @@ class _Channel(http.HTTPChannel):
         super().connectionMade()
         # Linux grows a socket's send buffer up to 4 MiB for a peer that does
         # not read; a fixed one keeps what such a peer holds small.
-        try:
-            handle = self.transport.getHandle()
-            handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
-        except (AttributeError, OSError):
-            pass  # not a socket of ours (a test transport, say)
+        system = ISystemHandle(self.transport, None)
+        if system is None:
+            return  # not a socket of ours (a test transport, say)
+        handle = system.getHandle()
+        if isinstance(handle, socket.socket):  # TLS's is its OpenSSL connection
+            try:
+                handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+            except OSError:
+                pass
 
     def dataReceived(self, data: bytes) -> None:
         # Not HTTPChannel.dataReceived: it resets the idle timeout on any byte.
@@ -304,6 +315,7 @@ class _Channel(http.HTTPChannel):
         """
         self._refused = True
         body = why + b"\n"
+        assert self.transport is not None  # called on data received
         self.transport.writeSequence(
             [
                 b"HTTP/1.1 %d %s\r\n" % (code, http.RESPONSES[code]),
@@ -348,6 +360,7 @@ class _Channel(http.HTTPChannel):
     def timeoutConnection(self) -> None:
         # Stock logs a line and waits abortTimeout even for a peer known not
         # to read.
+        assert self.transport is not None  # the timeout stops when the connection is lost
         if self._waitingForTransport or getattr(self.transport, "disconnecting", False):
             self.transport.abortConnection()
             return
@@ -356,6 +369,7 @@ class _Channel(http.HTTPChannel):
 
     def _abort(self) -> None:
         self._abortingCall = None  # called: connectionLost must not cancel it
+        assert self.transport is not None  # connectionLost cancels this call
         self.transport.abortConnection()
 
     @property
@@ -366,7 +380,7 @@ class _Channel(http.HTTPChannel):
         """
         return not self._handlingRequest
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         self.site.closed(self)
 
@@ -376,6 +390,9 @@ class _Request(server.Request):
     A request that waits for its turn on its site (L{MetricsSite.serve})
     before it is rendered.
     """
+
+    #: A channel of L{MetricsSite}, which alone makes these requests.
+    channel: _Channel
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         proceed = super().requestReceived
@@ -401,7 +418,9 @@ class MetricsSite(server.Site):
     """
 
     noisy = False
-    protocol = _Channel
+    # Twisted types HTTPFactory.protocol as its HTTP/1.1-or-2 wrapper; a Site
+    # takes any HTTPChannel, and this one serves only HTTP/1.1.
+    protocol = _Channel  # type: ignore[assignment]
     requestFactory = _Request
     _log = Logger()
 
@@ -423,7 +442,8 @@ class MetricsSite(server.Site):
         self._nextTurn: IDelayedCall | None = None
         self._refusing = self._refusingSource = False
 
-    def buildProtocol(self, addr) -> _Channel | None:
+    # As for protocol: Twisted types the result as its HTTP/1.1-or-2 wrapper.
+    def buildProtocol(self, addr: IAddress | None) -> _Channel | None:  # type: ignore[override]
         source = sourceOf(addr)
         held = self._bySource.get(source, [])
         if len(held) >= self.maxPerSource:
@@ -452,6 +472,7 @@ class MetricsSite(server.Site):
             idle = [c for c in most if c.idle] if len(most) > len(held) else []
             if not idle:
                 return None  # closed as it is accepted
+            assert idle[0].transport is not None  # lost ones are untracked
             idle[0].transport.abortConnection()  # idle: no answer is cut short
             self._untrack(idle[0])
         channel = super().buildProtocol(addr)
@@ -503,15 +524,21 @@ def metricsSite(
     metrics: ServerMetrics,
     isServing: Callable[[], bool],
     sessions: SessionPages,
-    **kwargs: object,
+    *,
+    maxConnections: int = MAX_HTTP_CONNECTIONS,
+    timeout: float | None = HTTP_IDLE_TIMEOUT,
+    maxPerSource: int = MAX_HTTP_CONNECTIONS_PER_SOURCE,
 ) -> MetricsSite:
     """
     The HTTP site of C{--metrics}: C{/metrics}, C{/healthz} and C{/sessions}.
 
-    @param kwargs: for L{MetricsSite}.
+    @param maxConnections: see L{MetricsSite}; so are C{timeout} and
+        C{maxPerSource}.
     """
     root = resource.Resource()
     root.putChild(b"metrics", _Metrics(metrics))
     root.putChild(b"healthz", _Health(isServing))
     root.putChild(b"sessions", _Sessions(sessions))
-    return MetricsSite(root, **kwargs)
+    return MetricsSite(
+        root, maxConnections=maxConnections, timeout=timeout, maxPerSource=maxPerSource
+    )

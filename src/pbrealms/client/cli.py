@@ -9,10 +9,11 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, error, task
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.spread import pb
@@ -40,6 +41,14 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_TOO_MANY, EXIT_UNREACHABLE, 
 )
 EXIT_KICKED = 7
 EXIT_BUSY = 8
+
+if TYPE_CHECKING:
+
+    class _IReactor(IReactorCore, IReactorTime):
+        """
+        What the commands use of the reactor, which every reactor provides:
+        its shutdown triggers and its timers.
+        """
 
 
 class CommandFailed(Exception):
@@ -75,7 +84,7 @@ def explain(
         return CommandFailed(f"login refused: {reason.getErrorMessage()}", EXIT_REFUSED)
     if reason.check(defer.TimeoutError, defer.CancelledError):
         return CommandFailed(f"timed out after {timeout:g} s connecting to {where}", EXIT_TIMEOUT)
-    if reason.check(TLSFailed):
+    if isinstance(reason.value, TLSFailed):
         return CommandFailed(_tlsAdvice(reason.value, where, caFile), EXIT_UNREACHABLE)
     if reason.check(ClosedBeforeLogin):
         return CommandFailed(
@@ -161,9 +170,7 @@ class _Interruption:
             self._trigger = None
 
 
-async def run(
-    reactor: IReactorCore, options: ClientOptions, out=sys.stdout, err=sys.stderr
-) -> None:
+async def run(reactor: _IReactor, options: ClientOptions, out=sys.stdout, err=sys.stderr) -> None:
     """
     Run the command in C{options}, printing its output to C{out} and, for
     C{watch}, what happens to the connection to C{err}.  If the reactor
@@ -186,7 +193,7 @@ async def run(
 
 
 async def _call(
-    reactor: IReactorCore, options: ClientOptions, out, interruption: _Interruption
+    reactor: _IReactor, options: ClientOptions, out, interruption: _Interruption
 ) -> None:
     """
     The commands that log in once: C{greet}, C{status} and C{clock}.
@@ -242,7 +249,12 @@ async def _call(
                 )
             if sub["period"] is not None:
                 await conn.callRemote("setperiod", sub["period"])
-            conn.notifyOnDisconnect(lambda: done.called or done.errback(pb.PBConnectionLost()))
+
+            def lost() -> None:
+                if not done.called:
+                    done.errback(pb.PBConnectionLost())
+
+            conn.notifyOnDisconnect(lost)
             await done
     except CommandFailed:
         raise
@@ -258,7 +270,7 @@ async def _call(
 
 
 async def watch(
-    reactor: IReactorCore,
+    reactor: _IReactor,
     options: ClientOptions,
     out,
     err,
@@ -319,10 +331,16 @@ async def watch(
         timeout=options["timeout"],
         sendPassword=True if options["tls"] else None,
     )
-    watching.start().addCallbacks(
-        lambda _: finished.called or finished.callback(None),
-        lambda reason: finished.called or finished.errback(reason),
-    )
+
+    def ended(result: object) -> None:
+        if finished.called:
+            return
+        if isinstance(result, Failure):
+            finished.errback(result)
+        else:
+            finished.callback(None)
+
+    watching.start().addBoth(ended)
     # Interrupted: log out, rather than see the connection lost and retry.
     ownInterruption = interruption is None
     if interruption is None:
@@ -351,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"pbrealms-client: error: {e}\n")
         raise SystemExit(EXIT_USAGE) from None
 
-    async def command(reactor: IReactorCore) -> None:
+    async def command(reactor: _IReactor) -> None:
         try:
             await run(reactor, options)
         except CommandFailed as e:

@@ -6,11 +6,12 @@ and why it failed when the server closed it or the TLS handshake failed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import cast
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, endpoints, error
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
@@ -135,7 +136,7 @@ class _ClientBroker(pb.Broker):
 
     lostReason: Failure | None = None
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lostReason = reason
         super().connectionLost(reason)
 
@@ -204,7 +205,7 @@ def _printable(text: object) -> str:
 
 async def connect(
     reactor: IReactorTime,
-    endpoint: str | Any,
+    endpoint: str | IStreamClientEndpoint,
     user: str,
     password: str,
     mind: pb.Referenceable | None = None,
@@ -232,15 +233,22 @@ async def connect(
     @raise ClosedBeforeLogin: if the server closed the connection before
         answering the login.
     """
-    if isinstance(endpoint, str):
-        endpoint = endpoints.clientFromString(reactor, endpoint)
+    client = (
+        endpoints.clientFromString(reactor, endpoint) if isinstance(endpoint, str) else endpoint
+    )
     factory = _ClientFactory()
 
     async def attempt() -> pb.RemoteReference:
-        broker = await endpoint.connect(factory)
+        # What factory built: endpoints type it only as an IProtocol.
+        broker = cast(_ClientBroker, await client.connect(factory))
         loggingIn = defer.ensureDeferred(logIn(broker))
-        outcome: defer.Deferred = defer.Deferred()
-        loggingIn.addBoth(lambda result: outcome.called or outcome.callback(result))
+        outcome: defer.Deferred[pb.RemoteReference] = defer.Deferred()
+
+        def settle(result: pb.RemoteReference | Failure) -> None:
+            if not outcome.called:
+                outcome.callback(result)
+
+        loggingIn.addBoth(settle)
 
         def closed() -> None:
             # PB's factory would wait for its root object for ever.

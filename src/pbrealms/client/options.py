@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Sequence
 
 from twisted.internet import endpoints, ssl
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python import usage
 
 from pbrealms.client.connection import DEFAULT_CONNECT, DEFAULT_TIMEOUT
@@ -34,7 +36,7 @@ class _CommandOptions(BaseOptions):
     def getSynopsis(self) -> str:
         return self.synopsis
 
-    def parseOptions(self, options: list[str] | None = None) -> None:
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
         for argument in sys.argv[1:] if options is None else options:
             if argument == "--":
                 break
@@ -154,7 +156,7 @@ class ClientOptions(BaseOptions):
         ],
     ]
 
-    def parseOptions(self, options: list[str] | None = None) -> None:
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
@@ -187,9 +189,9 @@ class ClientOptions(BaseOptions):
             raise usage.UsageError("--ca-file goes with --tls")
         self["password"] = self._password()
 
-    def _tls(self, endpoint):
-        host = getattr(endpoint, "_host", None)
-        if not isinstance(endpoint, endpoints.TCP4ClientEndpoint | endpoints.HostnameEndpoint):
+    def _tls(self, endpoint: IStreamClientEndpoint) -> IStreamClientEndpoint:
+        host = _tcpHost(self["connect"])
+        if host is None or not isinstance(endpoint, endpoints.TCP4ClientEndpoint):
             raise usage.UsageError("--tls needs --connect tcp:HOST:PORT")
         trust = None
         if self["ca-file"]:
@@ -198,8 +200,6 @@ class ClientOptions(BaseOptions):
                     trust = ssl.Certificate.loadPEM(f.read())
             except Exception as e:
                 raise usage.UsageError(f"cannot read --ca-file {self['ca-file']}: {e}") from None
-        if isinstance(host, bytes):
-            host = host.decode("ascii")
         return endpoints.wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trust), endpoint)
 
     def _password(self) -> str:
@@ -217,3 +217,37 @@ class ClientOptions(BaseOptions):
         if not password:
             raise usage.UsageError(f"password file {path} is empty")
         return password
+
+
+def _tcpHost(description: str) -> str | None:
+    """
+    The host of a C{tcp:} client endpoint description that
+    L{endpoints.clientFromString} takes (C{tcp:HOST:PORT}, C{tcp:host=HOST},
+    C{tcp:HOST:port=PORT}, with a backslash escaping the character after
+    it), or L{None} for a description of another kind.  The endpoint holds
+    it only in a private attribute.
+    """
+    fields: list[tuple[str | None, str]] = []  # (key or None, value)
+    key: str | None = None
+    text = ""
+    characters = iter(description)
+    for c in characters:
+        if c == "\\":
+            text += next(characters, "")
+        elif c == "=" and key is None:
+            key, text = text, ""
+        elif c == ":":
+            fields.append((key, text))
+            key, text = None, ""
+        else:
+            text += c
+    fields.append((key, text))
+    (named, kind), rest = fields[0], fields[1:]
+    if named is not None or kind.upper() != "TCP":
+        return None
+    keywords = {k: v for k, v in rest if k is not None}
+    positional = [v for k, v in rest if k is None]
+    # As Twisted reads them: with a host= keyword, a lone positional is the port.
+    if "host" in keywords and len(positional) < 2:
+        return keywords["host"]
+    return positional[0] if positional else None
