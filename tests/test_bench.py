@@ -19,24 +19,13 @@ from pathlib import Path
 import pytest
 from processes import childrenOf, environment, stop, waitFor
 
-from pbrealms.bench import cli
-from pbrealms.bench.cli import (
-    AUTH_FILE,
-    BASELINE,
-    PBREALMS,
-    WORKLOADS,
-    BenchError,
-    BenchOptions,
-    bestOf,
-    evaluate,
-    failures,
-    formatTable,
-    main,
-    plot,
-    roundsNote,
-    runWorkload,
-    writePasswords,
-)
+from pbrealms.bench import cli, runs, servers
+from pbrealms.bench.cli import failures, main
+from pbrealms.bench.options import BenchOptions
+from pbrealms.bench.report import evaluate, formatTable, plot, roundsNote
+from pbrealms.bench.runs import bestOf, runWorkload
+from pbrealms.bench.servers import BenchError, writePasswords
+from pbrealms.bench.workloads import AUTH_FILE, BASELINE, PBREALMS, WORKLOADS
 
 
 def parsed(*args: str) -> BenchOptions:
@@ -179,8 +168,8 @@ def fakeRuns(monkeypatch):
             raise figure
         return {"sequential_per_s": figure, "concurrent_per_s": figure}
 
-    monkeypatch.setattr(cli, "server", server)
-    monkeypatch.setattr(cli, "runLoad", runLoad)
+    monkeypatch.setattr(runs, "server", server)
+    monkeypatch.setattr(runs, "runLoad", runLoad)
     return said, figures
 
 
@@ -426,7 +415,7 @@ def test_an_interrupted_run_stops_its_servers(capsys, monkeypatch, noChildrenLef
     def interrupted(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "runLoad", interrupted)
+    monkeypatch.setattr(runs, "runLoad", interrupted)
     with pytest.raises(SystemExit) as exited:
         main(["--only", "greet"])
     assert exited.value.code == 130
@@ -437,8 +426,8 @@ def test_an_interrupted_stop_still_kills_everything(capsys, monkeypatch, noChild
     def interrupted(process):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "stopProcess", interrupted)
-    monkeypatch.setattr(cli, "runLoad", lambda *args: {})
+    monkeypatch.setattr(servers, "stopProcess", interrupted)
+    monkeypatch.setattr(runs, "runLoad", lambda *args: {})
     with pytest.raises(SystemExit) as exited:
         main(["--only", "greet"])
     assert exited.value.code == 130
@@ -452,7 +441,7 @@ def test_a_failed_load_is_reported_and_exits_1(capsys, monkeypatch, tmp_path, no
             raise BenchError("no answer within 5 s")
         return {"sequential_per_s": 10.0, "in_flight_per_s": 20.0}
 
-    monkeypatch.setattr(cli, "runLoad", failing)
+    monkeypatch.setattr(runs, "runLoad", failing)
     with pytest.raises(SystemExit) as exited:
         main(["--only", "greet"])
     assert exited.value.code == 1
