@@ -255,10 +255,16 @@ async def inParallel(
         return
     limit = defer.DeferredSemaphore(width)
     jobs = [limit.run(job, i) for i in range(count)]
-    # Cancelled (at the workload's timeout), gather cancels in list order:
-    # the waiting jobs must go first, or each running job's release would
-    # start the next waiting one.
-    await gather(jobs[::-1])
+
+    def cancel(_: object) -> None:
+        # The waiting jobs first, oldest first: a running job, cancelled,
+        # releases its token and would start the next waiting one.
+        for d in sorted(jobs, key=lambda d: d.called):
+            d.cancel()
+
+    finished: defer.Deferred[object] = defer.Deferred(cancel)
+    defer.ensureDeferred(gather(jobs)).chainDeferred(finished)
+    await finished
 
 
 async def closeAll(clients: Sequence[Client]) -> None:
