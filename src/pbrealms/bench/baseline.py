@@ -91,7 +91,9 @@ class CachingRealm:
     def __init__(self) -> None:
         self.avatars: dict[bytes, CachedAvatar] = {}
 
-    def requestAvatar(self, avatarId: bytes, mind: object, *interfaces: object):
+    def requestAvatar(
+        self, avatarId: bytes, mind: object, *interfaces: object
+    ) -> tuple[object, CachedAvatar, Callable[[], None]]:
         if avatarId not in self.avatars:
             self.avatars[avatarId] = CachedAvatar(avatarId.decode())
         return pb.IPerspective, self.avatars[avatarId], lambda: None
@@ -107,7 +109,9 @@ class ClockRealm:
     def __init__(self, period: float) -> None:
         self.period = period
 
-    def requestAvatar(self, avatarId: bytes, mind: pb.RemoteReference, *interfaces: object):
+    def requestAvatar(
+        self, avatarId: bytes, mind: pb.RemoteReference, *interfaces: object
+    ) -> tuple[object, CachedAvatar, Callable[[], object]]:
         def notify() -> None:
             mind.callRemote("notifyTime", time.time()).addErrback(lambda _: None)
 

@@ -13,6 +13,7 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IConnector
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.spread import pb
@@ -75,11 +76,13 @@ class Client(pb.PBClientFactory):
         self.served = True
         super().clientConnectionMade(broker)
 
-    def clientConnectionFailed(self, connector, reason) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         super().clientConnectionFailed(connector, reason)
         self._fireClosed()
 
-    def clientConnectionLost(self, connector, reason, reconnecting=0) -> None:
+    def clientConnectionLost(
+        self, connector: IConnector, reason: Failure, reconnecting: int = 0
+    ) -> None:
         super().clientConnectionLost(connector, reason, reconnecting)
         self._fireClosed()
 
