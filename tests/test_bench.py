@@ -18,25 +18,18 @@ from pathlib import Path
 
 import pytest
 from processes import childrenOf, environment, stop, waitFor
+from twisted.internet import defer
+from twisted.python import usage
 
-from pbrealms.bench import cli
-from pbrealms.bench.cli import (
-    AUTH_FILE,
-    BASELINE,
-    PBREALMS,
-    WORKLOADS,
-    BenchError,
-    BenchOptions,
-    bestOf,
-    evaluate,
-    failures,
-    formatTable,
-    main,
-    plot,
-    roundsNote,
-    runWorkload,
-    writePasswords,
-)
+from pbrealms.bench import cli, runs, servers
+from pbrealms.bench.cli import failures, main
+from pbrealms.bench.load.clients import inParallel
+from pbrealms.bench.load.options import LoadOptions
+from pbrealms.bench.options import BenchOptions
+from pbrealms.bench.report import evaluate, formatTable, plot, roundsNote
+from pbrealms.bench.runs import bestOf, runWorkload
+from pbrealms.bench.servers import BenchError, writePasswords
+from pbrealms.bench.workloads import AUTH_FILE, BASELINE, PBREALMS, WORKLOADS
 
 
 def parsed(*args: str) -> BenchOptions:
@@ -179,8 +172,8 @@ def fakeRuns(monkeypatch):
             raise figure
         return {"sequential_per_s": figure, "concurrent_per_s": figure}
 
-    monkeypatch.setattr(cli, "server", server)
-    monkeypatch.setattr(cli, "runLoad", runLoad)
+    monkeypatch.setattr(runs, "server", server)
+    monkeypatch.setattr(runs, "runLoad", runLoad)
     return said, figures
 
 
@@ -362,6 +355,76 @@ def test_the_plot(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# The load generator's parts
+
+
+def loadOptions(*args: str) -> LoadOptions:
+    options = LoadOptions()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_the_load_generator_takes_the_workload_anywhere_with_its_defaults():
+    first = loadOptions("logins", "--connect", "h:1", "--in-flight=7")
+    last = loadOptions("--connect", "h:1", "--in-flight", "7", "logins")
+    for options in (first, last):
+        assert (options["workload"], options["host"], options["port"]) == ("logins", "h", 1)
+        assert (options["count"], options["concurrency"], options["in-flight"]) == (1000, 50, 7)
+    fanout = loadOptions("fanout", "--connect", "h:1", "--count", "-5")
+    assert (fanout["count"], fanout["concurrency"], fanout["sessions"]) == (-5, 200, 1000)
+    assert fanout["timeout"] == 120.0 and fanout["users"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        ([], "the following arguments are required: workload, --connect"),
+        (["greet", "--connect", "h:1", "--coun", "5"], "unrecognized arguments: --coun 5"),
+        (["nap", "--connect", "h:1"], "argument workload: invalid choice: 'nap'"),
+        (["greet", "--connect", "h:1", "--count"], "argument --count: expected one argument"),
+        (["greet", "--connect", "localhost"], "--connect wants HOST:PORT, not 'localhost'"),
+    ],
+)
+def test_the_load_generators_usage_errors(args, problem):
+    with pytest.raises(usage.UsageError) as refused:
+        loadOptions(*args)
+    assert str(refused.value).startswith(problem)
+
+
+def test_in_parallel_keeps_to_its_width_and_stops_when_cancelled():
+    started: list[int] = []
+    pending: list[defer.Deferred[None]] = []
+
+    async def job(i: int) -> None:
+        started.append(i)
+        d: defer.Deferred[None] = defer.Deferred()
+        pending.append(d)
+        await d
+
+    running = defer.ensureDeferred(inParallel(1000, 3, job))
+    assert started == [0, 1, 2]
+    pending[1].callback(None)
+    assert started == [0, 1, 2, 3]
+    running.cancel()
+    # No waiting job starts, and the running ones are cancelled.
+    assert started == [0, 1, 2, 3]
+    assert all(d.called for d in pending)
+    failures: list[type] = []
+    running.addErrback(lambda f: failures.append(f.type))
+    assert failures == [defer.CancelledError]
+
+
+def test_in_parallel_raises_the_first_failure_as_itself():
+    async def job(i: int) -> None:
+        if i == 3:
+            raise ValueError("three")
+
+    failed: list[BaseException] = []
+    defer.ensureDeferred(inParallel(10, 2, job)).addErrback(lambda f: failed.append(f.value))
+    assert [str(e) for e in failed] == ["three"]
+
+
+# ---------------------------------------------------------------------------
 # Real runs
 
 
@@ -426,7 +489,7 @@ def test_an_interrupted_run_stops_its_servers(capsys, monkeypatch, noChildrenLef
     def interrupted(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "runLoad", interrupted)
+    monkeypatch.setattr(runs, "runLoad", interrupted)
     with pytest.raises(SystemExit) as exited:
         main(["--only", "greet"])
     assert exited.value.code == 130
@@ -437,8 +500,8 @@ def test_an_interrupted_stop_still_kills_everything(capsys, monkeypatch, noChild
     def interrupted(process):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "stopProcess", interrupted)
-    monkeypatch.setattr(cli, "runLoad", lambda *args: {})
+    monkeypatch.setattr(servers, "stopProcess", interrupted)
+    monkeypatch.setattr(runs, "runLoad", lambda *args: {})
     with pytest.raises(SystemExit) as exited:
         main(["--only", "greet"])
     assert exited.value.code == 130
@@ -452,7 +515,7 @@ def test_a_failed_load_is_reported_and_exits_1(capsys, monkeypatch, tmp_path, no
             raise BenchError("no answer within 5 s")
         return {"sequential_per_s": 10.0, "in_flight_per_s": 20.0}
 
-    monkeypatch.setattr(cli, "runLoad", failing)
+    monkeypatch.setattr(runs, "runLoad", failing)
     with pytest.raises(SystemExit) as exited:
         main(["--only", "greet"])
     assert exited.value.code == 1

@@ -11,14 +11,58 @@ C{listening on 127.0.0.1:PORT}, once listening, logs nothing else, and exits
 
 from __future__ import annotations
 
+import argparse
+import re
 import time
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 from twisted.cred import checkers, portal
 from twisted.internet import reactor, task
 from twisted.spread import pb
 from zope.interface import implementer
 
-from pbrealms.bench import ArgumentParser, number, wholeNumber
+from pbrealms.options import versionText
+
+_T = TypeVar("_T")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """
+    L{argparse.ArgumentParser} as every pbrealms command behaves (see
+    L{pbrealms.options.Options}): whole option names only, a C{--version}
+    that names pbrealms, and an error in one line that names its option.
+    """
+
+    def __init__(self, **kw: Any) -> None:
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(**kw)
+        self.add_argument(
+            "--version",
+            action="version",
+            version=versionText(),
+            help="print the versions of pbrealms and Twisted, and exit",
+        )
+
+    def error(self, message: str) -> NoReturn:
+        # argparse says "argument --port: 'x': must be ..." (see typed).
+        message = re.sub(r"^argument (\S+): (?=')", r"\1 ", message)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def typed(kind: Callable[[str], _T], what: str) -> Callable[[str], _T]:
+    """
+    An argument type converting with C{kind}, whose error says that the
+    value must be C{what}: C{--port 'x': must be a whole number}.
+    """
+
+    def convert(value: str) -> _T:
+        try:
+            return kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r}: must be {what}") from None
+
+    return convert
 
 
 class CachedAvatar(pb.Avatar):
@@ -47,7 +91,9 @@ class CachingRealm:
     def __init__(self) -> None:
         self.avatars: dict[bytes, CachedAvatar] = {}
 
-    def requestAvatar(self, avatarId: bytes, mind: object, *interfaces: object):
+    def requestAvatar(
+        self, avatarId: bytes, mind: object, *interfaces: object
+    ) -> tuple[object, CachedAvatar, Callable[[], None]]:
         if avatarId not in self.avatars:
             self.avatars[avatarId] = CachedAvatar(avatarId.decode())
         return pb.IPerspective, self.avatars[avatarId], lambda: None
@@ -63,7 +109,9 @@ class ClockRealm:
     def __init__(self, period: float) -> None:
         self.period = period
 
-    def requestAvatar(self, avatarId: bytes, mind: pb.RemoteReference, *interfaces: object):
+    def requestAvatar(
+        self, avatarId: bytes, mind: pb.RemoteReference, *interfaces: object
+    ) -> tuple[object, CachedAvatar, Callable[[], object]]:
         def notify() -> None:
             mind.callRemote("notifyTime", time.time()).addErrback(lambda _: None)
 
@@ -79,11 +127,11 @@ def main() -> None:
     parser = ArgumentParser(
         prog="python -m pbrealms.bench.baseline", description=__doc__.strip().splitlines()[0]
     )
-    parser.add_argument("--port", type=wholeNumber, default=0)
+    parser.add_argument("--port", type=typed(int, "a whole number"), default=0)
     parser.add_argument("--user", default="bench")
     parser.add_argument("--password", default="bench")
     parser.add_argument("--realm", choices=["cache", "clock"], default="cache")
-    parser.add_argument("--period", type=number, default=1.0)
+    parser.add_argument("--period", type=typed(float, "a number"), default=1.0)
     args = parser.parse_args()
 
     checker = checkers.InMemoryUsernamePasswordDatabaseDontUse()
