@@ -5,8 +5,6 @@ graceful shutdown.
 
 from __future__ import annotations
 
-import sys
-
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
@@ -93,9 +91,9 @@ class Listener(service.Service):
     """
     Listens on an endpoint, says where, and stops listening when stopped.
 
-    A failure to listen stops twistd from L{privilegedStartService}, with one
-    line on standard error and exit status 1, instead of running without a
-    port.
+    A failure to listen at once raises L{ListenFailed} from
+    L{privilegedStartService} (twistd's start then stops with its one line,
+    see L{pbrealms.tap}), instead of running without a port.
 
     @ivar label: what listens, for the log line.
     @ivar option: the option that gave the endpoint, for the error.
@@ -132,15 +130,10 @@ class Listener(service.Service):
         self._listening = self.endpoint.listen(self.factory)
         self._listening.addCallbacks(self._listened, failed.append)
         if failed:
-            # twistd has sent sys.stderr to the log, which goes to standard
-            # output: write to the process's own standard error.
-            stderr = sys.__stderr__ or sys.stderr
-            stderr.write(
-                f"twistd pbrealms: error: cannot listen on {self.description} "
-                f"({self.option}): {listenError(failed[0].value)}\n"
+            raise ListenFailed(
+                f"cannot listen on {self.description} ({self.option}): "
+                f"{listenError(failed[0].value)}"
             )
-            stderr.flush()
-            raise SystemExit(1)
         # An endpoint that listens later and fails is logged in one line.
         self._listening.addErrback(self._failed)
 
@@ -170,6 +163,13 @@ class Listener(service.Service):
         port, self.port = self.port, None
         if port is not None:
             return port.stopListening()
+
+
+class ListenFailed(Exception):
+    """
+    A L{Listener} could not listen as it started.  Its one argument is the
+    line for a person: where, which option gave it, and the system's reason.
+    """
 
 
 def listenError(error: BaseException) -> str:

@@ -37,7 +37,13 @@ from pbrealms.metrics import ServerMetrics, metricsSite
 from pbrealms.options import Options as CommandOptions
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
 from pbrealms.realms import REALMS
-from pbrealms.service import GracefulShutdown, Listener, PBRealmsService, PBServerFactory
+from pbrealms.service import (
+    GracefulShutdown,
+    Listener,
+    ListenFailed,
+    PBRealmsService,
+    PBServerFactory,
+)
 from pbrealms.sessions import REFUSE, WHEN_FULL, Keepalive, SessionRegistry
 from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES, MAX_UNFINISHED_BYTES
 
@@ -57,6 +63,9 @@ UNIX_SOCKET_MODE = 0o660
 #: Authentication types that offer IUsernameHashedPassword but cannot serve
 #: PB: C{memory:} keeps str user names and PB sends bytes.
 UNUSABLE_AUTH_TYPES = frozenset({"memory"})
+
+#: How twistd pbrealms begins the one line of a refusal to start.
+ERROR_PREFIX = "twistd pbrealms: error: "
 
 _log = Logger()
 
@@ -323,11 +332,16 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
         return self.given.get(option, "--" + option)
 
     def parseOptions(self, options: list[str] | None = None) -> None:
-        # twistd answers a usage error with its whole --help; one line is kinder.
+        """
+        Parse for twistd, which calls this as the command's entry point: a
+        L{usage.UsageError} becomes one line on standard error and exit
+        status 2.  (twistd itself would print the whole --help to standard
+        output and exit 1.)  Every check below raises L{usage.UsageError}.
+        """
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
-            sys.stderr.write(f"twistd pbrealms: error: {e}\n")
+            sys.stderr.write(f"{ERROR_PREFIX}{e}\n")
             raise SystemExit(2) from None
 
     def parseArgs(self, *arguments: str) -> None:
@@ -653,6 +667,25 @@ def wireSecurity() -> jelly.SecurityOptions:
     return security
 
 
+class TwistdService(PBRealmsService):
+    """
+    The server as twistd starts it, the command's other entry point: a port
+    that cannot be listened on (L{ListenFailed}) stops twistd with one line
+    on standard error and exit status 1, not a traceback.
+    """
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except ListenFailed as e:
+            # twistd has sent sys.stderr to the log, which goes to standard
+            # output: write to the process's own standard error.
+            stderr = sys.__stderr__ or sys.stderr
+            stderr.write(f"{ERROR_PREFIX}{e}\n")
+            stderr.flush()
+            raise SystemExit(1) from None
+
+
 def makeService(options: Options) -> PBRealmsService:
     """
     Build the server: a PB listener, the graceful shutdown of its sessions,
@@ -692,7 +725,7 @@ def makeService(options: Options) -> PBRealmsService:
     )
     metrics.countConnections(lambda: len(factory.brokers))
 
-    server = PBRealmsService()
+    server = TwistdService()
     # Started in this order, stopped in the reverse one (see PBRealmsService).
     children = []
     if options["metrics"] is not None:
