@@ -10,6 +10,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from importlib.resources import files
 
 from twisted.application import internet
@@ -31,9 +32,10 @@ from pbrealms.checkers import (
 )
 from pbrealms.descriptors import DEFAULT_MAX_CONNECTIONS, fitConnections
 from pbrealms.errors import InvalidPeriod
-from pbrealms.guard import SourcePenalties, parseNetworks
+from pbrealms.guard import Network, SourcePenalties, parseNetworks
 from pbrealms.login import LoginRoot
 from pbrealms.metrics import ServerMetrics, metricsSite
+from pbrealms.options import BadValue, NamedCoercion, coerced
 from pbrealms.options import Options as CommandOptions
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
 from pbrealms.realms import REALMS
@@ -133,6 +135,135 @@ def isLocalOnly(endpoint: IStreamServerEndpoint) -> bool:
         return False
 
 
+# The coerce column: what one value must be, wherever it came from.  What
+# depends on other settings is checked in Options.postOptions.
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """
+    A coerce function for a C{kind} above 0 (and below 2**31).
+    """
+    what = "a whole number" if kind is int else "a number"
+
+    def coerce(value: str) -> float:
+        number = _parse(value, kind)
+        if not 0 < number < 2**31:
+            raise BadValue("{setting} must be " + what + " above 0, not {value!r}", value=value)
+        return number
+
+    coerce.coerceDoc = f"{what.capitalize()} above 0."  # type: ignore[attr-defined]
+    return coerce
+
+
+def realmName(value: str) -> str:
+    """
+    The coerce function of --realm: the name of one of L{REALMS}.
+    """
+    if value not in REALMS:
+        raise BadValue(
+            "unknown {what} {value!r}: choose one of {choices}",
+            value=value,
+            choices=", ".join(REALMS),
+        )
+    return value
+
+
+def sessionLimit(value: str) -> int:
+    """
+    The coerce function of --max: a whole number of 1 or more.
+    """
+    try:
+        limit = int(value)
+    except ValueError:
+        raise BadValue("{setting} must be a whole number, not {value!r}", value=value) from None
+    if limit < 1:
+        raise BadValue("{setting} must be 1 or more, not {limit}", limit=limit)
+    return limit
+
+
+def whenFull(value: str) -> str:
+    """
+    The coerce function of --when-full: one of L{WHEN_FULL}.
+    """
+    if value not in WHEN_FULL:
+        raise BadValue(
+            "unknown {setting} {value!r}: choose one of {choices}",
+            value=value,
+            choices=", ".join(WHEN_FULL),
+        )
+    return value
+
+
+def keepaliveInterval(value: str) -> float:
+    """
+    The coerce function of --keepalive: L{MIN_KEEPALIVE} or more seconds,
+    or 0 for none.
+    """
+    seconds = _parse(value)
+    # Under a second, pings would be most of the traffic.
+    if not (seconds == 0 or MIN_KEEPALIVE <= seconds < 2**31):
+        raise BadValue(
+            "{setting} must be {least:g} or more seconds, or 0 for none, not {value!r}",
+            least=MIN_KEEPALIVE,
+            value=value,
+        )
+    return seconds
+
+
+def pushPeriod(value: str) -> float:
+    """
+    The coerce function of --period: seconds from L{MIN_PERIOD} to
+    L{MAX_PERIOD}.
+    """
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise BadValue(
+            "{setting} must be a number of seconds, not {value!r}", value=value
+        ) from None
+    try:
+        return validatePeriod(seconds)
+    except InvalidPeriod as e:
+        # "period must be from ...": name it as it was given.
+        raise BadValue("{setting}{rest}", rest=e.args[0].removeprefix("period")) from None
+
+
+def shutdownGrace(value: str) -> float:
+    """
+    The coerce function of --shutdown-grace: from 0 to L{MAX_GRACE} seconds.
+    """
+    seconds = _parse(value)
+    if not 0 <= seconds <= MAX_GRACE:
+        raise BadValue(
+            "{setting} must be from 0 to {most:g} seconds, not {value!r}",
+            most=MAX_GRACE,
+            value=value,
+        )
+    return seconds
+
+
+def exemptNetworks(value: str) -> list[Network]:
+    """
+    The coerce function of --penalty-exempt: addresses and networks, comma-
+    separated.
+    """
+    try:
+        return parseNetworks(value)
+    except ValueError as e:
+        raise BadValue("{setting}: {reason}", reason=str(e)) from None
+
+
+class _FromCommandLine(NamedCoercion):
+    """
+    The coercion of a value from the command line, which notes that the
+    command line gave it (see L{Options.given}).
+    """
+
+    def dispatch(self, parameterName: str, value: str | None) -> None:
+        self.options.given[parameterName] = "--" + parameterName
+        super().dispatch(parameterName, value)
+
+
 class Options(CommandOptions, strcred.AuthOptionMixin):
     """
     The options of C{twistd pbrealms}.  Every check is made here, so that a
@@ -158,6 +289,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             "r",
             "cache",
             "Realm strategy: " + "; ".join(f"{s.name} ({s.help})" for s in REALMS.values()) + ".",
+            realmName,
         ],
         [
             "max",
@@ -165,6 +297,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             None,
             f"With --realm={' or '.join(LIMITING_REALMS)}: the most concurrent sessions "
             f"one user may have (an integer of 1 or more). [default: {_LIMITS}]",
+            sessionLimit,
         ],
         [
             "when-full",
@@ -175,6 +308,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             "connections). replace-oldest: the user's oldest session is told, closed, "
             "and replaced. replace-stale: the oldest session is pinged, and replaced "
             "only if it does not answer within --ping-timeout.",
+            whenFull,
         ],
         [
             "ping-timeout",
@@ -182,6 +316,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             f"{DEFAULT_PING_TIMEOUT:g}",
             "Seconds to wait for a session that is pinged (replace-stale) or told that "
             "it is replaced (replace-oldest).",
+            _positive(float),
         ],
         [
             "keepalive",
@@ -189,6 +324,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             f"{DEFAULT_KEEPALIVE:g}",
             "Ping every logged-in connection this often, in seconds, and drop those "
             "that have not answered a whole interval later; 0 turns it off.",
+            keepaliveInterval,
         ],
         [
             "passwd",
@@ -212,6 +348,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             f"With --realm={_realmsTaking('period')}: the push period a session starts "
             "with, in seconds, "
             f"from {MIN_PERIOD:g} to {MAX_PERIOD:g}. [default: {DEFAULT_PERIOD:g}]",
+            pushPeriod,
         ],
         [
             "shutdown-grace",
@@ -219,6 +356,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             str(DEFAULT_GRACE),
             "On SIGTERM or SIGINT: the seconds that sessions get to finish their calls "
             "after being told of the shutdown, before their connections are closed.",
+            shutdownGrace,
         ],
         [
             "max-message-size",
@@ -226,12 +364,14 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             str(MAX_MESSAGE_BYTES),
             "Bytes one incoming message may have, counted as what it costs in memory "
             "once decoded; a larger one closes its connection.",
+            _positive(int),
         ],
         [
             "max-depth",
             None,
             str(MAX_DEPTH),
             "How deep the lists of one incoming message may nest.",
+            _positive(int),
         ],
         [
             "max-unfinished-bytes",
@@ -240,6 +380,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             "Bytes that all connections together may hold in messages not yet whole "
             "(decoded so far, or arrived and waiting), at least --max-message-size; "
             "beyond it the connection holding the most is closed.",
+            _positive(int),
         ],
         [
             "max-connections",
@@ -250,6 +391,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             "holds the most. The soft file descriptor limit is raised to hold them and "
             "a reserve; if the hard limit cannot, twistd exits. [default: "
             f"{DEFAULT_MAX_CONNECTIONS}, or fewer, with a warning, if the limit cannot hold them]",
+            _positive(int),
         ],
         [
             "max-unauthenticated-per-source",
@@ -257,18 +399,21 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             "128",
             "Connections from one address that have not logged in yet; beyond it new "
             "ones from that address are closed as they are accepted.",
+            _positive(int),
         ],
         [
             "max-auth-tries",
             None,
             "6",
             "Failed logins a connection may have before it is closed.",
+            _positive(int),
         ],
         [
             "login-timeout",
             None,
             "30",
             "Seconds a connection may take to log in before it is closed.",
+            _positive(float),
         ],
         [
             "penalty-exempt",
@@ -277,6 +422,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             "Addresses and networks whose failed logins are never penalised, comma-"
             "separated (e.g. 10.0.0.0/8,::1). Others are refused for a while after "
             "repeated failures. [default: none]",
+            exemptNetworks,
         ],
         [
             "metrics",
@@ -296,33 +442,46 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
     )
 
     def __init__(self) -> None:
-        super().__init__()
         self.given: dict[str, str] = {}
-        # Settings from the environment, for containers: no shell wrapper
-        # (which would swallow SIGTERM) is needed to turn them into options.
-        # They stay text until postOptions, which checks them as it checks
-        # the command line's.  (PBREALMS_AUTH: see _credentialsFromEnvironment.)
-        for name, _, _, _ in self.optParameters:
-            value = os.environ.get(environmentName(name))
-            if value:
-                self[name] = value
-                self.given[name] = environmentName(name)
+        super().__init__()
         for name, handler in list(self._dispatch.items()):
-            self._dispatch[name] = self._noting(name, handler)
+            if not isinstance(handler, usage.CoerceParameter):
+                self._dispatch[name] = self._noting(name, handler)
 
-    def _noting(self, name: str, handler):
+    def coercion(self, coerce: Callable[[str], object]) -> usage.CoerceParameter:
+        return _FromCommandLine(self, coerce)
+
+    def _noting(self, name: str, handler: Callable[[str, str | None], None]):
         """
         C{handler}, which first notes that the command line gave C{name}.
         """
 
         def dispatch(optionName: str, value: str | None = None) -> None:
             self.given[name] = "--" + name
-            if isinstance(handler, usage.CoerceParameter):
-                handler.dispatch(optionName, value)
-            else:
-                handler(optionName, value)
+            handler(optionName, value)
 
         return dispatch
+
+    def _settle(self) -> None:
+        """
+        Give each value that the command line did not give to its option's
+        coerce function too: the environment's, for containers (no shell
+        wrapper, which would swallow SIGTERM, is needed to turn them into
+        options), else the default, which is text as --help shows it.  An
+        empty variable counts as unset.  (PBREALMS_AUTH: see
+        L{_credentialsFromEnvironment}.)
+        """
+        for parameter in self.optParameters:
+            name, _, default, _, coerce = (*parameter, None)[:5]
+            if name in self.given:
+                continue
+            coerce = coerce or str
+            value = os.environ.get(environmentName(name))
+            if value:
+                self.given[name] = environmentName(name)
+                self[name] = coerced(coerce, value, environmentName(name))
+            elif isinstance(default, str):
+                self[name] = coerce(default)
 
     def _name(self, option: str) -> str:
         """
@@ -403,39 +562,22 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
     opt_a = opt_auth
 
     def postOptions(self) -> None:
+        self._settle()
         name = self["realm"]
-        if name not in REALMS:
-            raise usage.UsageError(
-                f"unknown {self._what('realm')} {name!r}: choose one of " + ", ".join(REALMS)
-            )
         self["max"] = self._maxSessions(name, self["max"])
         self["when-full"] = self._whenFull(name, self["when-full"], self["max"])
-        self["ping-timeout"] = self._positive("ping-timeout", float)
-        self["keepalive"] = self._keepalive(self["keepalive"])
         self["period"] = self._period(name, self["period"])
         self._credentialsFromEnvironment()
         self["checker"], self["demo"] = self._checker()
         self["endpoint"] = self._endpoint(self["port"], self._name("port"))
-        self["shutdown-grace"] = self._grace(self["shutdown-grace"])
-        for option in (
-            "max-message-size",
-            "max-depth",
-            "max-unfinished-bytes",
-            "max-unauthenticated-per-source",
-            "max-auth-tries",
-        ):
-            self[option] = self._positive(option, int)
         if self["max-unfinished-bytes"] < self["max-message-size"]:
             # Else one whole message would close its connection.
             raise usage.UsageError(
                 f"{self._name('max-unfinished-bytes')} ({self['max-unfinished-bytes']}) must be "
                 f"at least {self._name('max-message-size')} ({self['max-message-size']})"
             )
-        self["login-timeout"] = self._positive("login-timeout", float)
-        try:
-            self["penalty-exempt"] = parseNetworks(self["penalty-exempt"] or "")
-        except ValueError as e:
-            raise usage.UsageError(f"{self._name('penalty-exempt')}: {e}") from None
+        if self["penalty-exempt"] is None:
+            self["penalty-exempt"] = parseNetworks("")
         if self["metrics"] is not None:
             self["metrics-endpoint"] = self._endpoint(self["metrics"], self._name("metrics"))
         if self["demo"] and not isLocalOnly(self["endpoint"]):
@@ -444,35 +586,9 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
                 "loopback-only: give --passwd FILE or --auth, or listen on 127.0.0.1"
             )
         # Last, once the rest is known good: this raises the descriptor limit.
-        given = self["max-connections"]
-        if given is not None:
-            given = self._positive("max-connections", int)
-        self["max-connections"] = fitConnections(given, self._name("max-connections"))
-
-    def _what(self, option: str) -> str:
-        """
-        How an error names the setting C{option} in "unknown ..." : as its
-        environment variable, or else by its bare name.
-        """
-        name = self._name(option)
-        return option if name.startswith("--") else name
-
-    def _positive(self, option: str, kind: type) -> float:
-        value = self[option]
-        number = _parse(value, kind)
-        if not 0 < number < 2**31:
-            what = "a whole number" if kind is int else "a number"
-            raise usage.UsageError(f"{self._name(option)} must be {what} above 0, not {value!r}")
-        return number
-
-    def _grace(self, value: str) -> float:
-        seconds = _parse(value)
-        if not 0 <= seconds <= MAX_GRACE:
-            raise usage.UsageError(
-                f"{self._name('shutdown-grace')} must be from 0 to {MAX_GRACE:g} seconds, "
-                f"not {value!r}"
-            )
-        return seconds
+        self["max-connections"] = fitConnections(
+            self["max-connections"], self._name("max-connections")
+        )
 
     @staticmethod
     def _endpoint(description: str, setting: str) -> IStreamServerEndpoint:
@@ -500,22 +616,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             description = completed
         return endpoint
 
-    def _keepalive(self, value: str) -> float:
-        seconds = _parse(value)
-        # Under a second, pings would be most of the traffic.
-        if not (seconds == 0 or MIN_KEEPALIVE <= seconds < 2**31):
-            raise usage.UsageError(
-                f"{self._name('keepalive')} must be {MIN_KEEPALIVE:g} or more seconds, or 0 for "
-                f"none, not {value!r}"
-            )
-        return seconds
-
     def _whenFull(self, realm: str, value: str, limit: int | None) -> str:
-        if value not in WHEN_FULL:
-            raise usage.UsageError(
-                f"unknown {self._name('when-full')} {value!r}: choose one of "
-                + ", ".join(WHEN_FULL)
-            )
         if value == REFUSE or limit is not None:
             return value
         setting = f"{self._name('when-full')}={value}"
@@ -530,7 +631,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             + f" only, not {realm!r}"
         )
 
-    def _maxSessions(self, realm: str, value: str | None) -> int | None:
+    def _maxSessions(self, realm: str, value: int | None) -> int | None:
         setting = self._name("max")
         if realm not in LIMITING_REALMS:
             if value is not None:
@@ -542,15 +643,9 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             return None
         if value is None:
             return REALMS[realm].defaultMax
-        try:
-            limit = int(value)
-        except ValueError:
-            raise usage.UsageError(f"{setting} must be a whole number, not {value!r}") from None
-        if limit < 1:
-            raise usage.UsageError(f"{setting} must be 1 or more, not {limit}")
-        return limit
+        return value
 
-    def _period(self, realm: str, value: str | None) -> float | None:
+    def _period(self, realm: str, value: float | None) -> float | None:
         setting = self._name("period")
         if "period" not in REALMS[realm].options:
             if value is not None:
@@ -560,17 +655,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             return None
         if value is None:
             return DEFAULT_PERIOD
-        try:
-            seconds = float(value)
-        except ValueError:
-            raise usage.UsageError(
-                f"{setting} must be a number of seconds, not {value!r}"
-            ) from None
-        try:
-            return validatePeriod(seconds)
-        except InvalidPeriod as e:
-            # "period must be from ...": name it as it was given.
-            raise usage.UsageError(setting + e.args[0].removeprefix("period")) from None
+        return value
 
     def _credentialsFromEnvironment(self) -> None:
         """
