@@ -267,7 +267,10 @@ class _FromCommandLine(NamedCoercion):
 class Options(CommandOptions, strcred.AuthOptionMixin):
     """
     The options of C{twistd pbrealms}.  Every check is made here, so that a
-    bad value stops twistd with one line before anything listens.
+    bad value stops twistd with one line before anything listens: each value
+    by its coerce function, whether the command line, the environment or
+    the default gave it, and what depends on other settings in
+    L{postOptions}.
 
     @ivar given: where each setting given came from, as its errors name it:
         C{--max} or C{PBREALMS_MAX}.
@@ -562,6 +565,11 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
     opt_a = opt_auth
 
     def postOptions(self) -> None:
+        """
+        Coerce what the command line did not give, then check the settings
+        against each other and build what they describe: the checker, the
+        endpoints and the descriptor limit.
+        """
         self._settle()
         name = self["realm"]
         self["max"] = self._maxSessions(name, self["max"])
