@@ -672,7 +672,7 @@ BAD_SETTINGS = {
 
 def test_every_setting_is_tried_from_the_environment():
     # The help promises every option that takes a value, --auth included.
-    settings = {name for name, _, _, _ in Options.optParameters} | {"auth"}
+    settings = {parameter[0] for parameter in Options.optParameters} | {"auth"}
     assert set(BAD_SETTINGS) == settings
 
 
@@ -696,6 +696,23 @@ def test_the_command_line_names_its_option(capsys, monkeypatch, name):
     line = refused(capsys, f"--{name}={value}")
     assert "PBREALMS_" not in line
     assert value in line
+
+
+#: The settings that the coerce column checks, value by value.
+COERCED = sorted(p[0] for p in Options.optParameters if len(p) > 4 and p[4] is not None)
+
+
+@pytest.mark.parametrize("name", COERCED)
+def test_the_environment_is_coerced_as_the_command_line(capsys, monkeypatch, name):
+    value, others = BAD_SETTINGS[name]
+    for key, other in others.items():
+        monkeypatch.setenv(key, other)
+    onCommandLine = refused(capsys, f"--{name}={value}")
+    variable = "PBREALMS_" + name.upper().replace("-", "_")
+    monkeypatch.setenv(variable, value)
+    fromEnvironment = refused(capsys)
+    bare = name if name == "realm" else "--" + name  # "unknown realm 'nope'"
+    assert fromEnvironment == onCommandLine.replace(bare, variable, 1)
 
 
 def test_the_command_line_wins_over_the_environment(capsys, monkeypatch):

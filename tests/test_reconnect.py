@@ -376,6 +376,92 @@ def test_onLogin_failing_as_the_connection_goes_is_a_lost_connection(clock, serv
     result(session.stop())
 
 
+def test_is_twisteds_ClientService(clock, server):
+    from twisted.application.internet import ClientService
+
+    session = fakeSession(clock, server, [])
+    assert isinstance(session._service, ClientService)
+
+
+def answeredAtOnce(answers: list):
+    """
+    A C{connect} function that answers each attempt before it returns: with
+    the next of C{answers}, an exception or a L{FakeConnection}.
+    """
+
+    def connect(*args, **kw):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        return defer.succeed(answer)
+
+    return connect
+
+
+def test_a_refusal_for_good_at_once_stops_on_the_next_turn(clock):
+    lost: list = []
+    session = ReconnectingSession(
+        clock, object(), "a", "p", connect=answeredAtOnce([BadCredentials()]),
+        onLost=lambda reason, delay: lost.append(delay),
+    )  # fmt: skip
+    stopped = session.start()
+    assert not stopped.called
+    clock.advance(0)
+    with pytest.raises(BadCredentials):
+        result(stopped)
+    assert lost == []
+    assert clock.getDelayedCalls() == []
+
+
+def test_answers_at_once_are_tried_again_and_logged_in(clock):
+    lost: list = []
+    logins: list = []
+    conn = FakeConnection()
+    session = ReconnectingSession(
+        clock, object(), "a", "p", connect=answeredAtOnce([error.ConnectionRefusedError(), conn]),
+        onLost=lambda reason, delay: lost.append(delay), onLogin=logins.append,
+        initialDelay=1.0, jitter=lambda: 1.0,
+    )  # fmt: skip
+    stopped = session.start()
+    clock.advance(0)
+    assert lost == [1.0]
+    clock.advance(1.0)
+    clock.advance(0)
+    assert session.connection is conn
+    assert logins == [conn]
+    assert result(session.stop()) is None
+    assert not conn.connected
+    assert result(stopped) is None
+    assert clock.getDelayedCalls() == []
+
+
+def test_stop_before_an_answer_at_once_is_settled_closes_it(clock):
+    conn = FakeConnection()
+    session = ReconnectingSession(clock, object(), "a", "p", connect=answeredAtOnce([conn]))
+    stopped = session.start()
+    assert result(session.stop()) is None
+    assert not conn.connected
+    assert session.connection is None
+    assert result(stopped) is None
+    assert clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("lose", ["refused", "lost"])
+def test_onLost_may_stop_the_session(clock, server, lose):
+    session = ReconnectingSession(
+        clock, object(), "a", "p", connect=server.connect,
+        onLost=lambda reason, delay: session.stop(),
+    )  # fmt: skip
+    stopped = session.start()
+    if lose == "refused":
+        server.refuse()
+    else:
+        server.accept().lose()
+    assert result(stopped) is None
+    assert session.connection is None
+    assert clock.getDelayedCalls() == []
+
+
 def test_bad_delays_are_refused(clock, server):
     with pytest.raises(ValueError):
         ReconnectingSession(clock, "tcp:127.0.0.1:1", "a", "p", initialDelay=0)

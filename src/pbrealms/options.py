@@ -26,27 +26,63 @@ def versionText() -> str:
     return f"pbrealms {mine} (Twisted {twisted.__version__})"
 
 
-class _NamedCoercion(usage.CoerceParameter):
+class BadValue(ValueError):
     """
-    Twisted's coercion, whose error names the option and the value given
-    instead of only the converter's complaint.
+    A coerce function's refusal of a value, worded whole around the setting
+    that gave it, for commands whose errors read C{--max must be 1 or more,
+    not 0} or C{PBREALMS_MAX must be ...}.
+
+    @ivar wording: a template of ours, formatted with C{setting} (C{--max},
+        or the environment variable that gave the value), C{what} (the same
+        without a leading C{--}) and C{fields}; a value given by a person
+        goes in as a field, never into the template.
     """
 
-    def dispatch(self, parameterName: str, value: str | None) -> None:
-        if value is None:
-            raise usage.UsageError(f"--{parameterName} needs a value")
-        try:
-            self.options.opts[parameterName] = self.coerce(value)
-        except ValueError as e:
-            what = getattr(self.coerce, "coerceDoc", "") or _KIND_TEXT.get(self.coerce, "")
-            reason = what or str(e)
-            raise usage.UsageError(f"--{parameterName} {value!r}: {reason}") from None
+    def __init__(self, wording: str, **fields: object) -> None:
+        super().__init__(wording)
+        self.wording = wording
+        self.fields = fields
+
+    def describe(self, setting: str) -> str:
+        """
+        The refusal as one line, naming C{setting}.
+        """
+        return self.wording.format(setting=setting, what=setting.removeprefix("--"), **self.fields)
 
 
 _KIND_TEXT: dict[Callable[[str], object], str] = {
     int: "must be a whole number",
     float: "must be a number",
 }
+
+
+def coerced(coerce: Callable[[str], object], value: str, setting: str) -> object:
+    """
+    C{coerce(value)}, or a L{usage.UsageError} that names C{setting} and the
+    value: a L{BadValue} as it is worded, any other C{ValueError} as
+    C{--timeout 'abc': must be a number} (the function's C{coerceDoc}, or
+    else the error's text).
+    """
+    try:
+        return coerce(value)
+    except BadValue as e:
+        raise usage.UsageError(e.describe(setting)) from None
+    except ValueError as e:
+        what = getattr(coerce, "coerceDoc", "") or _KIND_TEXT.get(coerce, "")
+        reason = what or str(e)
+        raise usage.UsageError(f"{setting} {value!r}: {reason}") from None
+
+
+class NamedCoercion(usage.CoerceParameter):
+    """
+    Twisted's coercion, whose error names the option and the value given
+    instead of only the converter's complaint (see L{coerced}).
+    """
+
+    def dispatch(self, parameterName: str, value: str | None) -> None:
+        if value is None:
+            raise usage.UsageError(f"--{parameterName} needs a value")
+        self.options.opts[parameterName] = coerced(self.coerce, value, "--" + parameterName)
 
 
 class Options(usage.Options):
@@ -59,14 +95,22 @@ class Options(usage.Options):
         prefix would change what an old command line means.
       - A value that the coerce column refuses is reported with its option:
         C{--timeout 'abc': must be a number}.  A coerce function may raise
-        C{ValueError} and set C{coerceDoc} for the text.
+        C{ValueError} and set C{coerceDoc} for the text, or raise
+        L{BadValue} to word the whole line.
     """
 
     def __init__(self) -> None:
         super().__init__()
         for name, handler in self._dispatch.items():
             if type(handler) is usage.CoerceParameter:
-                self._dispatch[name] = _NamedCoercion(self, handler.coerce)
+                self._dispatch[name] = self.coercion(handler.coerce)
+
+    def coercion(self, coerce: Callable[[str], object]) -> usage.CoerceParameter:
+        """
+        The dispatcher that gives an option's value to C{coerce} (its coerce
+        column) and reports a refusal in one line naming the option.
+        """
+        return NamedCoercion(self, coerce)
 
     def opt_version(self) -> None:
         """

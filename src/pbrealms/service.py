@@ -5,9 +5,7 @@ graceful shutdown.
 
 from __future__ import annotations
 
-import sys
-
-from twisted.application import service
+from twisted.application import internet, service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
@@ -17,7 +15,9 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.spread import pb
+from zope.interface import implementer
 
 from pbrealms.addresses import describeAddress, sourceOf
 from pbrealms.checkers import PasswordHasher
@@ -88,14 +88,37 @@ class PBServerFactory(pb.PBServerFactory):
         return broker
 
 
-class Listener(service.Service):
+@implementer(IStreamServerEndpoint)
+class _Reporting:
     """
-    Listens on an endpoint, says where, and stops listening when stopped.
+    A L{Listener}'s endpoint: the one it was given, whose listening it
+    reports to the listener before Twisted's service sees the result.
 
-    A failure to listen stops twistd from L{privilegedStartService}, with one
-    line on standard error and exit status 1, instead of running without a
-    port.
+    @ivar wrapped: the endpoint given.
+    """
 
+    def __init__(self, wrapped: IStreamServerEndpoint, listener: Listener) -> None:
+        self.wrapped = wrapped
+        self.listener = listener
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred:
+        listening = self.wrapped.listen(factory)
+        # The same Deferred, so that stopService can cancel a pending listen.
+        return listening.addCallbacks(self.listener._listened, self.listener._failed)
+
+
+class Listener(internet.StreamServerEndpointService):
+    """
+    Twisted's endpoint service, which also says where it listens, keeps its
+    port for whoever asks whether it listens, and reports a failure in one
+    line.  Like Twisted's, it cancels a listen still pending when stopped.
+
+    A failure to listen at once raises L{ListenFailed} from
+    L{privilegedStartService} (twistd's start then stops with its one line,
+    see L{pbrealms.tap}), instead of running without a port.  A failure
+    later is logged in one line.
+
+    @ivar port: the listening port, from when it listens until the stop.
     @ivar label: what listens, for the log line.
     @ivar option: the option that gave the endpoint, for the error.
     """
@@ -108,42 +131,27 @@ class Listener(service.Service):
         label: str = "pbrealms",
         option: str = "--port",
     ) -> None:
-        self.endpoint = endpoint
-        self.factory = factory
+        super().__init__(_Reporting(endpoint, self), factory)
         self.description = description
         self.label = label
         self.option = option
         self.port: IListeningPort | None = None
-
-    _listening: defer.Deferred | None = None
+        self._starting = False
+        self._failedAtStart: Failure | None = None
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._listen()
-
-    def startService(self) -> None:
-        super().startService()
-        if self._listening is None:
-            self._listen()
-
-    def _listen(self) -> None:
-        failed: list = []
-        self._listening = self.endpoint.listen(self.factory)
-        self._listening.addCallbacks(self._listened, failed.append)
-        if failed:
-            # twistd has sent sys.stderr to the log, which goes to standard
-            # output: write to the process's own standard error.
-            stderr = sys.__stderr__ or sys.stderr
-            stderr.write(
-                f"twistd pbrealms: error: cannot listen on {self.description} "
-                f"({self.option}): {listenError(failed[0].value)}\n"
+        self._starting = True
+        try:
+            super().privilegedStartService()
+        finally:
+            self._starting = False
+        failed, self._failedAtStart = self._failedAtStart, None
+        if failed is not None:
+            raise ListenFailed(
+                f"cannot listen on {self.description} ({self.option}): {listenError(failed.value)}"
             )
-            stderr.flush()
-            raise SystemExit(1)
-        # An endpoint that listens later and fails is logged in one line.
-        self._listening.addErrback(self._failed)
 
-    def _listened(self, port: IListeningPort) -> None:
+    def _listened(self, port: IListeningPort) -> IListeningPort:
         self.port = port
         from twisted.internet import reactor
 
@@ -154,8 +162,14 @@ class Listener(service.Service):
             label=self.label,
             where=describeAddress(port.getHost()),
         )
+        return port
 
-    def _failed(self, reason) -> None:
+    def _failed(self, reason: Failure) -> Failure | None:
+        if reason.check(defer.CancelledError):
+            return reason  # stopped while pending: Twisted's service drops it
+        if self._starting:
+            self._failedAtStart = reason
+            return None
         _log.error(
             "{label}: cannot listen on {where} ({option}): {error}",
             label=self.label,
@@ -163,12 +177,18 @@ class Listener(service.Service):
             option=self.option,
             error=listenError(reason.value),
         )
+        return None
 
-    def stopService(self):
-        super().stopService()
-        port, self.port = self.port, None
-        if port is not None:
-            return port.stopListening()
+    def stopService(self) -> defer.Deferred:
+        self.port = None
+        return super().stopService()
+
+
+class ListenFailed(Exception):
+    """
+    A L{Listener} could not listen as it started.  Its one argument is the
+    line for a person: where, which option gave it, and the system's reason.
+    """
 
 
 def listenError(error: BaseException) -> str:

@@ -11,11 +11,18 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from twisted.application.internet import ClientService, backoffPolicy
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, endpoints, error
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet import defer, endpoints, error, protocol
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.python.failure import Failure
 from twisted.spread import pb
+from zope.interface import implementer
 
 from pbrealms.client.connection import DEFAULT_TIMEOUT, Connection, TLSFailed, connect
 from pbrealms.client.mind import ClientMind, Kicked
@@ -91,6 +98,10 @@ class ReconnectingSession:
     login of the same user replaced it (L{Kicked}): logging in again would
     kick the newer one in turn.
 
+    It is Twisted's L{ClientService} with a backoff policy, whose endpoint
+    connects and logs in once (L{_LoginEndpoint}); what Twisted's does not
+    do, giving up on a refusal for good, is this class's.
+
     @ivar connection: the current L{Connection}, or L{None} while it is not
         logged in.
     @ivar mind: the L{ClientMind} passed at every login.
@@ -158,16 +169,25 @@ class ReconnectingSession:
         self._onLost = onLost
         self._jitter = jitter
         self._connect = connect
-        self._delay = initialDelay
+        # Twisted's backoff gives the delay before jitter: the first one,
+        # for attempt 1, is initialDelay.
+        self._backoff = backoffPolicy(initialDelay / factor, maxDelay, factor, lambda: 0.0)
+        self._failures = 0
+        self._nextDelay = initialDelay
         self._started = False
         self._stopping = False
         self._stopped = False
         self._reason: Failure | None = None
         self._waiting: list[defer.Deferred[None]] = []
-        # At most one of these is under way at any time.
-        self._attempt: defer.Deferred[Connection] | None = None
-        self._retry: IDelayedCall | None = None
         self._hook: defer.Deferred | None = None
+        self._service = ClientService(
+            _LoginEndpoint(self),
+            protocol.Factory.forProtocol(_LoggedIn),
+            # The delay is worked out as each failure arrives (see _delayAfter),
+            # so that onLost hears it outside the service's state machine.
+            retryPolicy=lambda attempt: self._nextDelay,
+            clock=reactor,
+        )
 
     def start(self) -> defer.Deferred[None]:
         """
@@ -178,7 +198,7 @@ class ReconnectingSession:
         if self._started or self._stopping:
             raise RuntimeError("a ReconnectingSession starts only once")
         self._started = True
-        self._attemptNow()
+        self._service.startService()
         return self.whenStopped()
 
     def whenStopped(self) -> defer.Deferred[None]:
@@ -204,9 +224,28 @@ class ReconnectingSession:
         self._finish(None)
         return self.whenStopped().addErrback(lambda _: None)
 
-    def _attemptNow(self) -> None:
-        self._retry = None
-        self._attempt = attempt = defer.maybeDeferred(
+    def _attempt(self, factory: IProtocolFactory) -> defer.Deferred:
+        """
+        One attempt to connect and log in, for L{ClientService}: the
+        L{Deferred} fires with a protocol of C{factory} for the
+        L{Connection}, or fails with why there is none.
+        """
+        # An outcome held for the next turn (see below), and its delayed call.
+        held: list[tuple[Connection | Failure, IDelayedCall]] = []
+
+        def cancel(d: defer.Deferred) -> None:
+            attempt.cancel()
+            if held and held[0][1].active():
+                # Settled now, as stopping: a connection is closed.
+                held[0][1].cancel()
+                self._settle(held[0][0], result, factory)
+
+        def hold(outcome: Connection | Failure) -> None:
+            call = self.reactor.callLater(0, self._settle, outcome, result, factory)
+            held.append((outcome, call))
+
+        result: defer.Deferred = defer.Deferred(cancel)
+        attempt = defer.maybeDeferred(
             self._connect,
             self.reactor,
             self.endpoint,
@@ -216,17 +255,33 @@ class ReconnectingSession:
             self.timeout,
             sendPassword=self._sendPassword,
         )
-        attempt.addCallbacks(self._loggedIn, self._failed)
+        if attempt.called:
+            # Answered at once, inside the service's state machine, which
+            # cannot be stopped from within: settle on the next turn.
+            attempt.addBoth(hold)
+        else:
+            attempt.addBoth(self._settle, result, factory)
+        return result
 
-    def _loggedIn(self, conn: Connection) -> None:
-        self._attempt = None
-        if self._stopping:
+    def _settle(
+        self, outcome: Connection | Failure, result: defer.Deferred, factory: IProtocolFactory
+    ) -> None:
+        if isinstance(outcome, Failure):
+            self._failed(outcome, result)
+            return
+        conn = outcome
+        if self._stopping or result.called:
             conn.disconnect()
+            if not result.called:
+                result.errback(defer.CancelledError())
             return
         self.connection = conn
-        self._delay = self.initialDelay
-        conn.notifyOnDisconnect(lambda: self._lost(conn))
-        if self._onLogin is not None and conn.connected:
+        self._failures = 0
+        loggedIn = factory.buildProtocol(None)
+        loggedIn.makeConnection(_ConnectionTransport(conn))
+        result.callback(loggedIn)
+        conn.notifyOnDisconnect(lambda: self._lost(conn, loggedIn))
+        if self._onLogin is not None and conn.connected and conn is self.connection:
             self._hook = hook = defer.maybeDeferred(self._onLogin, conn)
             hook.addCallbacks(self._hooked, self._hookFailed, errbackArgs=(conn,))
 
@@ -240,50 +295,51 @@ class ReconnectingSession:
         if not self._stopping and conn is self.connection and conn.connected:
             self._finish(reason)
 
-    def _failed(self, reason: Failure) -> None:
-        self._attempt = None
-        if self._stopping:
-            return  # cancelled by stop()
-        if retryable(reason):
-            self._retryLater(reason, atLeast=penaltySeconds(reason) or 0.0)
-        else:
-            self._finish(reason)
+    def _failed(self, reason: Failure, result: defer.Deferred) -> None:
+        if not self._stopping and not result.called:
+            if retryable(reason):
+                self._tell(reason, atLeast=penaltySeconds(reason) or 0.0)
+            else:
+                self._finish(reason)  # which cancels result
+        if not result.called:
+            result.errback(reason)  # the service waits, or has stopped
 
-    def _lost(self, conn: Connection) -> None:
-        if conn is not self.connection:
-            return  # closed by stop()
-        self.connection = None
-        if self._hook is not None:
-            self._hook.cancel()
-        kicked = conn.kicked
-        if kicked is not None:
-            self._finish(Failure(Kicked(kicked)))
-        else:
-            self._retryLater(Failure(error.ConnectionLost("the connection was lost")))
+    def _lost(self, conn: Connection, loggedIn: protocol.Protocol) -> None:
+        if conn is self.connection:
+            self.connection = None
+            if self._hook is not None:
+                self._hook.cancel()
+            kicked = conn.kicked
+            if kicked is not None:
+                self._finish(Failure(Kicked(kicked)))
+            elif not self._stopping:
+                self._tell(Failure(error.ConnectionLost("the connection was lost")))
+        # The service then waits to try again, or, stopping, has stopped.
+        loggedIn.connectionLost(Failure(error.ConnectionLost("the connection was lost")))
 
-    def _retryLater(self, reason: Failure, atLeast: float = 0.0) -> None:
-        delay = self._delay * (1 + min(max(self._jitter(), 0.0), 1.0)) / 2
-        self._delay = min(self.maxDelay, self._delay * self.factor)
-        delay = max(delay, atLeast)
-        self._retry = self.reactor.callLater(delay, self._attemptNow)
+    def _tell(self, reason: Failure, atLeast: float = 0.0) -> None:
+        """
+        Work out the delay before the next attempt, for the service's retry
+        policy, and tell onLost.
+        """
+        self._failures += 1
+        base = self._backoff(self._failures)
+        delay = base * (1 + min(max(self._jitter(), 0.0), 1.0)) / 2
+        self._nextDelay = max(delay, atLeast)
         if self._onLost is not None:
-            self._onLost(reason, delay)
+            self._onLost(reason, self._nextDelay)
 
     def _finish(self, reason: Failure | None) -> None:
         if self._stopping:
             return
         self._stopping = True
         self._reason = reason
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        # Their errbacks see _stopping, and swallow the cancellation.
-        for pending in (self._attempt, self._hook):
-            if pending is not None:
-                pending.cancel()
-        conn, self.connection = self.connection, None
-        closed = conn.disconnect() if conn is not None else defer.succeed(None)
-        closed.addBoth(self._closed)
+        if self._hook is not None:
+            self._hook.cancel()
+        # The service cancels the attempt or the delay under way, or closes
+        # the connection, and fires once that is done.
+        self.connection = None
+        self._service.stopService().addBoth(self._closed)
 
     def _closed(self, _: object) -> None:
         self._stopped = True
@@ -293,3 +349,40 @@ class ReconnectingSession:
                 d.callback(None)
             else:
                 d.errback(self._reason)
+
+
+@implementer(IStreamClientEndpoint)
+class _LoginEndpoint:
+    """
+    What a L{ReconnectingSession}'s L{ClientService} connects to: a
+    connection that is logged in, through the session's C{connect}.
+    """
+
+    def __init__(self, session: ReconnectingSession) -> None:
+        self.session = session
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred:
+        return self.session._attempt(protocolFactory)
+
+    def __repr__(self) -> str:
+        return f"<login of {self.session.user!r} at {self.session.endpoint!r}>"
+
+
+class _LoggedIn(protocol.Protocol):
+    """
+    The protocol that L{ClientService} holds for a logged-in L{Connection}:
+    the service learns through it that the connection is lost.
+    """
+
+
+class _ConnectionTransport:
+    """
+    What L{ClientService} uses of a transport, to close a L{Connection} as
+    it stops.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def loseConnection(self) -> None:
+        self.connection.disconnect()
