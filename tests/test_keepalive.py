@@ -12,7 +12,8 @@ from conftest import eventually
 from test_when_full import Events, silence
 from twisted.internet import defer, task
 
-from pbrealms.sessions import Keepalive, SessionRegistry
+from pbrealms.keepalive import Keepalive
+from pbrealms.sessions import SessionRegistry
 
 
 class FakeConnection:

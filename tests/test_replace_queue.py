@@ -17,13 +17,8 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 
 from pbrealms.errors import TooManyConnections, localize
-from pbrealms.sessions import (
-    MAX_WAITING_PER_USER,
-    REPLACE_OLDEST,
-    REPLACE_STALE,
-    ConnectionGone,
-    SessionRegistry,
-)
+from pbrealms.sessions import MAX_WAITING_PER_USER, ConnectionGone, SessionRegistry
+from pbrealms.whenfull import REPLACE_OLDEST, REPLACE_STALE
 
 #: Logins attempted while a replacement waits, then abandoned.
 ATTEMPTS = int(os.environ.get("QUEUE_ATTEMPTS", "1000"))

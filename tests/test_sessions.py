@@ -7,6 +7,7 @@ from twisted.internet import task
 
 from pbrealms.errors import TooManyConnections
 from pbrealms.sessions import SessionRegistry
+from pbrealms.whenfull import Refuse, ReplaceOldest, ReplaceStale, policyNamed
 
 
 def test_open_and_close_count_per_user():
@@ -76,3 +77,53 @@ def test_only_activated_sessions_are_logged(log):
         f"alice logged in from 10.0.0.1:6 (session {session.id}, realm tracking)",
         f"alice disconnected from 10.0.0.1:6 after 2.5 s (session {session.id}, realm tracking)",
     ]
+
+
+def test_a_session_an_observer_ends_is_told_of_after_the_one_being_told():
+    registry = SessionRegistry(task.Clock())
+    first, second = registry.open("alice", "p1"), registry.open("alice", "p2")
+    registry.activate(first)
+    registry.activate(second)
+    heard = []
+
+    class Ending:
+        def sessionOpened(self, session):
+            pass
+
+        def sessionClosed(self, session, reason):
+            heard.append(("ending", session.id, reason))
+            if session is first:
+                second.close("disconnected")  # as a push that finds its client gone
+
+    class Listening:
+        def sessionOpened(self, session):
+            pass
+
+        def sessionClosed(self, session, reason):
+            heard.append(("listening", session.id, reason))
+
+    registry.observe(Ending())
+    registry.observe(Listening())
+    first.close()
+    assert heard == [
+        ("ending", first.id, "logged out"),
+        ("listening", first.id, "logged out"),
+        ("ending", second.id, "disconnected"),
+        ("listening", second.id, "disconnected"),
+    ]
+    assert len(registry) == 0
+
+
+def test_conflict_policies_are_objects_chosen_by_name():
+    clock = task.Clock()
+    for name, policy in [
+        ("refuse", Refuse),
+        ("replace-oldest", ReplaceOldest),
+        ("replace-stale", ReplaceStale),
+    ]:
+        registry = SessionRegistry(clock, maxPerUser=1, whenFull=name)
+        assert isinstance(registry.policy, policy)
+        assert registry.whenFull == name
+        assert registry.policy.replaces is (name != "refuse")
+    with pytest.raises(ValueError, match="whenFull must be one of refuse, replace-oldest"):
+        policyNamed("replace-newest", clock, 1.0)

@@ -18,7 +18,8 @@ from twisted.spread import pb
 
 from pbrealms.errors import LoginRefused, SessionEnded, ShuttingDown, TooManyConnections, localize
 from pbrealms.metrics import DROPPED
-from pbrealms.sessions import REFUSE, REPLACE_OLDEST, REPLACE_STALE, WHEN_FULL, Session
+from pbrealms.sessions import Session
+from pbrealms.whenfull import REFUSE, REPLACE_OLDEST, REPLACE_STALE, WHEN_FULL
 
 LIMITING = ["limited", "sessions"]
 

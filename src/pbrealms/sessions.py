@@ -10,14 +10,14 @@ are the seam a shared store would sit behind.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections import deque
 from collections.abc import Callable, Iterator
 from functools import partial
 from itertools import count
 from operator import attrgetter
 from typing import Protocol, cast
 
-from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,16 +27,10 @@ from pbrealms.connection import IConnection
 from pbrealms.errors import ShuttingDown, TooManyConnections
 from pbrealms.metrics import ServerMetrics
 from pbrealms.push import ClientReference
-
-#: What to do with a login of a user who has as many sessions as allowed.
-REFUSE, REPLACE_OLDEST, REPLACE_STALE = "refuse", "replace-oldest", "replace-stale"
-WHEN_FULL = (REFUSE, REPLACE_OLDEST, REPLACE_STALE)
+from pbrealms.sessionlog import SessionLog
+from pbrealms.whenfull import REFUSE, WhenFull, policyNamed
 
 _sessionId = attrgetter("id")
-
-#: Why a session replaced under L{REPLACE_OLDEST} ended, as its log line,
-#: C{notifyKicked} and C{notifySessionClosed} say.
-REPLACED = "was replaced by a newer login"
 
 #: How many logins of one user may wait behind the one that is replacing a
 #: session; beyond that a login is refused at once (L{TooManyConnections}).
@@ -73,6 +67,10 @@ class Session:
         L{None} without a mind.
     @ivar connection: the connection the session came on, or L{None}.
     @ivar lastCall: when the client last called its avatar (or logged in).
+    @ivar successor: once it has ended, the address of the login that
+        replaced it, if one did.
+    @ivar droppedFor: once it has ended, why the server dropped it (a label
+        of C{pbrealms_sessions_dropped_total}), if it did.
     """
 
     __slots__ = (
@@ -82,11 +80,13 @@ class Session:
         "client",
         "closed",
         "connection",
+        "droppedFor",
         "id",
         "lastCall",
         "mind",
         "peer",
         "since",
+        "successor",
         "user",
     )
 
@@ -115,6 +115,8 @@ class Session:
             self.client = ClientReference(reference, registry.metrics, onGone)
         self.connection = connection
         self.lastCall = since
+        self.successor: str | None = None
+        self.droppedFor: str | None = None
         self.active = False
         self.closed = False
         self._onClose: list[Callable[[], object]] = []
@@ -141,16 +143,17 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        self._registry._closed(self, reason, successor)
+        self.successor = successor
+        self._registry.forget(self, reason)
         callbacks, self._onClose = self._onClose, []
         for callback in reversed(callbacks):
             try:
                 callback()
             except Exception:
-                self._registry._log.failure(
+                _log.failure(
                     "error while closing session {id} of {user}", id=self.id, user=self.user
                 )
-        self._registry._settled(self)
+        self._registry.settled(self)
 
     def info(self) -> dict[str, object]:
         """
@@ -240,6 +243,9 @@ class _Turns:
             self._handing = False
 
 
+_log = Logger()
+
+
 class SessionRegistry:
     """
     The open sessions of every user, the per-user limit on them, and what
@@ -248,18 +254,13 @@ class SessionRegistry:
     @ivar realm: the realm's name, for the log.
     @ivar maxPerUser: the most sessions one user may have open, or L{None}
         for no limit.
-    @ivar whenFull: what a login beyond C{maxPerUser} does: L{REFUSE} it,
-        replace the user's oldest session (L{REPLACE_OLDEST}), or replace it
-        only if it does not answer a ping (L{REPLACE_STALE}).
-    @ivar pingTimeout: seconds to wait for a session that is pinged, or told
-        that it is replaced.
+    @ivar policy: what a login beyond C{maxPerUser} does (see
+        L{pbrealms.whenfull}), chosen by name with C{whenFull}.
     @ivar metrics: where session counts and durations go.
     @ivar closing: set when the server shuts down: no session is admitted.
     @ivar maxWaiting: how many logins of a user may wait behind one that is
         replacing; more are refused at once.
     """
-
-    _log = Logger()
 
     def __init__(
         self,
@@ -271,17 +272,13 @@ class SessionRegistry:
         pingTimeout: float = 10.0,
         maxWaiting: int = MAX_WAITING_PER_USER,
     ) -> None:
-        if whenFull not in WHEN_FULL:
-            raise ValueError(f"whenFull must be one of {', '.join(WHEN_FULL)}, not {whenFull!r}")
+        self.policy: WhenFull = policyNamed(whenFull, clock, pingTimeout)
         self.clock = clock
         self.realm = realm
         self.maxPerUser = maxPerUser
-        self.whenFull = whenFull
-        self.pingTimeout = pingTimeout
         self.maxWaiting = maxWaiting
         self.metrics = metrics or ServerMetrics()
         self.closing = False
-        self.metrics.countSessions(realm, self.__len__)
         self._byUser: dict[str, dict[int, Session]] = {}
         # Every open session, by id: ids only grow, so open appends.  It lets
         # describe find a page without walking the sessions before it.
@@ -294,6 +291,19 @@ class SessionRegistry:
         # Sessions admitted under that lock, and how to release it once each
         # has logged in or ended.
         self._settling: dict[int, Callable[[], None]] = {}
+        # Observer calls not yet made: each is made after the one before has
+        # returned, so that a session an observer ends (a push found its
+        # client gone) is told of after, never inside, another's.
+        self._news: deque[tuple[Callable[..., object], Session, tuple[object, ...]]] = deque()
+        self._telling = False
+        self.observe(SessionLog(self, self.metrics, clock))
+
+    @property
+    def whenFull(self) -> str:
+        """
+        The name of the conflict policy.
+        """
+        return self.policy.name
 
     def observe(self, observer: SessionObserver) -> None:
         """
@@ -312,7 +322,7 @@ class SessionRegistry:
         """
         if self.closing:
             raise ShuttingDown()
-        if self._full(user):
+        if self.full(user):
             raise TooManyConnections(self.maxPerUser)
         session = Session(self, next(self._ids), user, peer, self.clock.seconds(), mind, connection)
         self._byUser.setdefault(user, {})[session.id] = session
@@ -338,7 +348,7 @@ class SessionRegistry:
         """
         turns = self._replacing.get(user)
         if turns is None:
-            if self.whenFull == REFUSE or not self._full(user):
+            if not self.policy.replaces or not self.full(user):
                 return defer.maybeDeferred(self.open, user, peer, mind, connection)
             turns = self._replacing[user] = _Turns()
         elif len(turns.waiting) >= self.maxWaiting:
@@ -369,38 +379,17 @@ class SessionRegistry:
         self, user: str, peer: str, mind: object, connection: IConnection | None
     ) -> Session:
         while True:
-            self._stillWanted(connection)
-            if not self._full(user):
+            self.stillWanted(connection)
+            if not self.full(user):
                 return self.open(user, peer, mind, connection)
             # Only a logged-in session is replaced: one still logging in
             # has nobody to tell yet.
             oldest = next((s for s in self.sessionsOf(user) if s.active), None)
             if oldest is None:
                 raise TooManyConnections(self.maxPerUser)
-            if self.whenFull == REPLACE_STALE:
-                if await self._answers(oldest):
-                    self._stillWanted(connection)
-                    if self._full(user):
-                        raise TooManyConnections(self.maxPerUser)
-                elif not oldest.closed:
-                    self._stillWanted(connection)
-                    self.drop(oldest, "did not answer a ping, and was replaced", "stale")
-            else:
-                await self._tellReplaced(oldest, peer)
-                # Told it is replaced, it goes even if the new login has gone
-                # meanwhile: its client stops logging in on that notice.
-                if self.closing:
-                    raise ShuttingDown()
-                if not oldest.closed:
-                    self.drop(
-                        oldest,
-                        REPLACED,
-                        "replaced",
-                        keepConnection=oldest.connection is connection,
-                        successor=peer,
-                    )
+            await self.policy.makeRoom(self, oldest, peer, connection)
 
-    def _stillWanted(self, connection: IConnection | None) -> None:
+    def stillWanted(self, connection: IConnection | None) -> None:
         """
         @raise ShuttingDown: if the server is shutting down.
         @raise ConnectionGone: if the login's connection has closed.
@@ -409,25 +398,6 @@ class SessionRegistry:
             raise ShuttingDown()
         if connection is not None and not connection.connected:
             raise ConnectionGone()
-
-    def _answers(self, session: Session) -> defer.Deferred[bool]:
-        if session.connection is None:
-            return defer.succeed(True)  # nothing to ask: it may be alive
-        return session.connection.ping(self.pingTimeout)
-
-    def _tellReplaced(self, session: Session, newPeer: str) -> defer.Deferred:
-        """
-        Tell C{session} that it is replaced, and wait up to C{pingTimeout}
-        for its answer.  Best effort: the session goes either way.
-        """
-        if session.client is None:
-            return defer.succeed(None)
-        # The same words as the log line: which session, which newcomer.
-        reason = (
-            f"{session.user}'s session {session.id} from {session.peer} {REPLACED} from {newPeer}"
-        )
-        told = session.client.notifyKicked(reason)
-        return told.addTimeout(self.pingTimeout, self.clock).addErrback(lambda _: None)
 
     def drop(
         self,
@@ -445,77 +415,63 @@ class SessionRegistry:
         @param why: the C{why} label of C{pbrealms_sessions_dropped_total}.
         @param successor: the address of the login replacing C{session}.
         """
+        session.droppedFor = why
         session.close(reason, successor)
-        self.metrics.dropped.labels(why).inc()
         if session.connection is not None and not keepConnection:
             session.connection.drop()
 
-    def _full(self, user: str) -> bool:
+    def full(self, user: str) -> bool:
+        """
+        Whether C{user} has as many sessions as allowed.
+        """
         return self.maxPerUser is not None and self.countOf(user) >= self.maxPerUser
 
     def activate(self, session: Session) -> None:
         """
         Mark C{session} as logged in: its client has its avatar.  Only the
-        sessions activated are logged and observed; one closed before is a
-        refused login.
+        sessions activated are observed (and so logged); one closed before
+        is a refused login.
         """
         session.active = True
-        self._log.info(
-            "{user} logged in from {peer} (session {session}, realm {realm})",
-            user=session.user,
-            peer=session.peer,
-            session=session.id,
-            realm=self.realm,
-        )
-        for observer in self._observers:
-            self._tell(observer.sessionOpened, session)
-        self._settled(session)
+        self._tell([(o.sessionOpened, session, ()) for o in self._observers])
+        self.settled(session)
 
-    def _settled(self, session: Session) -> None:
-        # The next login of a replacing user may go now.
+    def settled(self, session: Session) -> None:
+        """
+        C{session} has logged in or ended: the next login of a user that is
+        replacing may go.
+        """
         release = self._settling.pop(session.id, None)
         if release is not None:
             release()
 
-    def _closed(self, session: Session, reason: str, successor: str | None = None) -> None:
+    def forget(self, session: Session, reason: str) -> None:
+        """
+        Take C{session}, which has just ended, out of the table, and tell
+        the observers if it had logged in.  Called by L{Session.close} only.
+        """
         sessions = self._byUser[session.user]
         del sessions[session.id]
         del self._byId[bisect_left(self._byId, session.id, key=_sessionId)]
         if not sessions:
             del self._byUser[session.user]
-        if not session.active:
-            return
-        duration = self.clock.seconds() - session.since
-        self.metrics.sessionDuration.observe(duration)
-        fields = dict(
-            user=session.user,
-            reason=reason,
-            peer=session.peer,
-            duration=duration,
-            session=session.id,
-            realm=self.realm,
-        )
-        if successor is None:
-            text = (
-                "{user} {reason} from {peer} after {duration:.1f} s"
-                " (session {session}, realm {realm})"
-            )
-        else:
-            # Two addresses: say which is which.
-            text = (
-                "{user}'s session {session} from {peer} {reason} from {successor}"
-                " after {duration:.1f} s (realm {realm})"
-            )
-            fields["successor"] = successor
-        self._log.info(text, **fields)
-        for observer in self._observers:
-            self._tell(observer.sessionClosed, session, reason)
+        if session.active:
+            self._tell([(o.sessionClosed, session, (reason,)) for o in self._observers])
 
-    def _tell(self, method: Callable[..., object], session: Session, *args: object) -> None:
+    def _tell(self, news: list[tuple[Callable[..., object], Session, tuple[object, ...]]]) -> None:
+        self._news.extend(news)
+        if self._telling:
+            return  # the loop below, further up the stack, makes it next
+        self._telling = True
         try:
-            method(session, *args)
-        except Exception:
-            self._log.failure("error while telling of session {id}", id=session.id)
+            while self._news:
+                method, session, args = self._news.popleft()
+                try:
+                    method(session, *args)
+                except Exception:
+                    _log.failure("error while telling of session {id}", id=session.id)
+        finally:
+            self._telling = False
 
     def sessionsOf(self, user: str) -> list[Session]:
         """
@@ -567,56 +523,3 @@ class SessionRegistry:
     def __iter__(self) -> Iterator[Session]:
         for sessions in list(self._byUser.values()):
             yield from list(sessions.values())
-
-
-class Keepalive(service.Service):
-    """
-    Pings every connection that has a logged-in session once per C{interval}
-    and drops the sessions of one that has not answered the previous ping,
-    a whole interval later.  PB has no keepalive of its own: without this a
-    client behind a dead NAT keeps its sessions until TCP gives up, which
-    can take hours.
-
-    One timer serves every connection, whatever their number.
-    """
-
-    def __init__(self, registry: SessionRegistry, interval: float) -> None:
-        self.registry = registry
-        self.interval = interval
-        self._unanswered: set[IConnection] = set()
-        self._sweeper = task.LoopingCall(self.sweep)
-        self._sweeper.clock = registry.clock
-
-    def startService(self) -> None:
-        super().startService()
-        self._sweeper.start(self.interval, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._sweeper.running:
-            self._sweeper.stop()
-
-    def sweep(self) -> None:
-        """
-        Drop the connections that did not answer the last ping; ping the
-        others.
-        """
-        byConnection: dict[IConnection, list[Session]] = {}
-        for session in self.registry:
-            if session.active and session.connection is not None:
-                byConnection.setdefault(session.connection, []).append(session)
-        # A connection stays in _unanswered until its ping is answered or
-        # it closes, even while it has no session: cycling sessions between
-        # sweeps must not hide that it never answers.
-        for connection, sessions in byConnection.items():
-            if connection in self._unanswered:
-                self._unanswered.discard(connection)
-                reason = f"did not answer a keepalive ping within {self.interval:g} s"
-                for session in sessions:
-                    self.registry.drop(session, reason, "keepalive")
-            else:
-                self._unanswered.add(connection)
-                connection.ping().addCallback(self._answered, connection)
-
-    def _answered(self, alive: bool, connection: IConnection) -> None:
-        self._unanswered.discard(connection)

@@ -33,6 +33,7 @@ from pbrealms.checkers import (
 from pbrealms.descriptors import DEFAULT_MAX_CONNECTIONS, fitConnections
 from pbrealms.errors import InvalidPeriod
 from pbrealms.guard import Network, SourcePenalties, parseNetworks
+from pbrealms.keepalive import Keepalive
 from pbrealms.login import LoginRoot
 from pbrealms.metrics import ServerMetrics, metricsSite
 from pbrealms.options import BadValue, NamedCoercion, coerced
@@ -46,7 +47,8 @@ from pbrealms.service import (
     PBRealmsService,
     PBServerFactory,
 )
-from pbrealms.sessions import REFUSE, WHEN_FULL, Keepalive, SessionRegistry
+from pbrealms.sessions import SessionRegistry
+from pbrealms.whenfull import REFUSE, WHEN_FULL
 from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES, MAX_UNFINISHED_BYTES
 
 DEFAULT_PORT = "tcp:8787:interface=127.0.0.1"

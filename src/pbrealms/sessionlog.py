@@ -1,0 +1,68 @@
+"""
+The log lines and metrics of sessions: an observer of the session registry.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from pbrealms.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from pbrealms.sessions import Session, SessionRegistry
+
+
+class SessionLog:
+    """
+    One log line per login and per end of a session, with the session's id,
+    peer and realm; session counts, durations and drops as metrics.  Only
+    sessions logged in are told of: one that ends while logging in is a
+    refused login, which the login code logs.
+    """
+
+    _log = Logger()
+
+    def __init__(self, registry: SessionRegistry, metrics: ServerMetrics, clock: IReactorTime):
+        self.realm = registry.realm
+        self.metrics = metrics
+        self.clock = clock
+        metrics.countSessions(registry.realm, registry.__len__)
+
+    def sessionOpened(self, session: Session) -> None:
+        self._log.info(
+            "{user} logged in from {peer} (session {session}, realm {realm})",
+            user=session.user,
+            peer=session.peer,
+            session=session.id,
+            realm=self.realm,
+        )
+
+    def sessionClosed(self, session: Session, reason: str) -> None:
+        duration = self.clock.seconds() - session.since
+        self.metrics.sessionDuration.observe(duration)
+        if session.droppedFor is not None:
+            self.metrics.dropped.labels(session.droppedFor).inc()
+        fields = dict(
+            user=session.user,
+            reason=reason,
+            peer=session.peer,
+            duration=duration,
+            session=session.id,
+            realm=self.realm,
+        )
+        if session.successor is None:
+            text = (
+                "{user} {reason} from {peer} after {duration:.1f} s"
+                " (session {session}, realm {realm})"
+            )
+        else:
+            # Two addresses: say which is which.
+            text = (
+                "{user}'s session {session} from {peer} {reason} from {successor}"
+                " after {duration:.1f} s (realm {realm})"
+            )
+            fields["successor"] = session.successor
+        self._log.info(text, **fields)
