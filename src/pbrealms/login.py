@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from typing import NoReturn
+from typing import Any, NoReturn, cast
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernameHashedPassword
+from twisted.cred.credentials import ICredentials, IUsernameHashedPassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import ISSLTransport, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import pb
@@ -213,7 +213,7 @@ class _LoginGate(_RemoteObject):
         penalties = self.root.penalties
         if penalties is None:
             return
-        host = sourceOf(self.broker.transport.getPeer())
+        host = sourceOf(self.transport.getPeer())
         left = penalties.penalty(host)
         if left:
             self._turnAway(host, left)
@@ -258,8 +258,14 @@ class _LoginGate(_RemoteObject):
         self._stopTimer()
 
     @property
+    def transport(self) -> ITCPTransport:
+        # Set before the broker asks for its root object; TCP, UNIX and TLS
+        # transports all have getPeer and abortConnection.
+        return cast(ITCPTransport, self.broker.transport)
+
+    @property
     def peer(self) -> str:
-        return describeAddress(self.broker.transport.getPeer())
+        return describeAddress(self.transport.getPeer())
 
     def begin(self) -> None:
         """
@@ -284,7 +290,7 @@ class _LoginGate(_RemoteObject):
         self.failures += 1
         penalties = self.root.penalties
         if penalties is not None:
-            penalties.failed(sourceOf(self.broker.transport.getPeer()))
+            penalties.failed(sourceOf(self.transport.getPeer()))
         limit = self.root.maxAuthTries
         if limit is not None and self.failures == limit and not self.broker.disconnected:
             _log.info(
@@ -302,14 +308,14 @@ class _LoginGate(_RemoteObject):
         if self.penalised is not None or self.closing:
             # Turned away, about to be, or closing after a refusal that was
             # logged: nothing more to say for each of them.
-            self.broker.transport.abortConnection()
+            self.broker.drop()
         else:
             _log.info(
                 "closing the connection from {peer}: no login within {seconds:g} s",
                 peer=self.peer,
                 seconds=self.root.loginTimeout,
             )
-            self.broker.transport.abortConnection()
+            self.broker.drop()
 
     def _stopTimer(self) -> None:
         if self._timeout is not None and self._timeout.active():
@@ -383,7 +389,7 @@ class _LoginGate(_RemoteObject):
         bcrypt hash; offered only where nobody else can read it.
         """
         self.checkPenalty()
-        if not _isPrivate(self.broker.transport):
+        if not _isPrivate(self.transport):
             raise InsecureLogin()
         if isinstance(username, str):
             username = username.encode("utf-8")
@@ -394,7 +400,7 @@ class _LoginGate(_RemoteObject):
         if not isinstance(mind, pb.RemoteReference):
             mind = None
         # The source lets the checker share its bcrypt queue fairly.
-        source = sourceOf(self.broker.transport.getPeer())
+        source = sourceOf(self.transport.getPeer())
         credentials = UsernamePasswordFrom(username, password, source)
         return _Login(self, username).run(credentials, mind)
 
@@ -452,9 +458,9 @@ class _Login:
         self.metrics = self.root.registry.metrics
         self.started = self.root.registry.clock.seconds()
 
-    def run(self, credentials: _Challenger, mind: object) -> defer.Deferred:
+    def run(self, credentials: ICredentials, mind: object) -> defer.Deferred:
         self.gate.begin()
-        d = defer.maybeDeferred(self.root.checker.requestAvatarId, credentials)
+        d: defer.Deferred[Any] = defer.maybeDeferred(self.root.checker.requestAvatarId, credentials)
         d.addCallback(self._open, mind)
         # One login at a time covers its admission too, which may wait for
         # a replaced session to go.
@@ -474,9 +480,10 @@ class _Login:
         return d.addCallback(self._requestAvatar, user)
 
     def _requestAvatar(self, session: Session, user: str) -> defer.Deferred:
-        # The realm gets the session's client, which owns every push.
-        realm = self.root.realm
-        d = defer.maybeDeferred(realm.requestAvatar, user, session.client, pb.IPerspective)
+        # The realm gets the session's client, which owns every push.  (Twisted
+        # types avatar ids as bytes; ours are user names as text.)
+        requestAvatar: Any = self.root.realm.requestAvatar
+        d = defer.maybeDeferred(requestAvatar, user, session.client, pb.IPerspective)
         d.addCallbacks(
             self._attach, self._realmFailed, callbackArgs=(session,), errbackArgs=(session,)
         )

@@ -323,7 +323,7 @@ class SessionRegistry:
         if self.closing:
             raise ShuttingDown()
         if self.full(user):
-            raise TooManyConnections(self.maxPerUser)
+            raise self.tooMany()
         session = Session(self, next(self._ids), user, peer, self.clock.seconds(), mind, connection)
         self._byUser.setdefault(user, {})[session.id] = session
         self._byId.append(session)
@@ -354,7 +354,7 @@ class SessionRegistry:
         elif len(turns.waiting) >= self.maxWaiting:
             turns.prune()
             if len(turns.waiting) >= self.maxWaiting:
-                return defer.fail(TooManyConnections(self.maxPerUser))
+                return defer.fail(self.tooMany())
 
         def release(_: object = None) -> None:
             turns.release()
@@ -386,7 +386,7 @@ class SessionRegistry:
             # has nobody to tell yet.
             oldest = next((s for s in self.sessionsOf(user) if s.active), None)
             if oldest is None:
-                raise TooManyConnections(self.maxPerUser)
+                raise self.tooMany()
             await self.policy.makeRoom(self, oldest, peer, connection)
 
     def stillWanted(self, connection: IConnection | None) -> None:
@@ -419,6 +419,14 @@ class SessionRegistry:
         session.close(reason, successor)
         if session.connection is not None and not keepConnection:
             session.connection.drop()
+
+    def tooMany(self) -> TooManyConnections:
+        """
+        The refusal of a login beyond the limit: only a limited registry is
+        ever full.
+        """
+        assert self.maxPerUser is not None
+        return TooManyConnections(self.maxPerUser)
 
     def full(self, user: str) -> bool:
         """

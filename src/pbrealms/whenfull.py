@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
-from pbrealms.errors import ShuttingDown, TooManyConnections
+from pbrealms.errors import ShuttingDown
 
 if TYPE_CHECKING:
     from pbrealms.connection import IConnection
@@ -64,7 +64,7 @@ class Refuse:
     async def makeRoom(
         self, registry: SessionRegistry, oldest: Session, peer: str, connection: IConnection | None
     ) -> None:
-        raise TooManyConnections(registry.maxPerUser)
+        raise registry.tooMany()
 
 
 class ReplaceOldest:
@@ -97,7 +97,7 @@ class ReplaceOldest:
                 successor=peer,
             )
 
-    def _tellReplaced(self, session: Session, newPeer: str) -> defer.Deferred[object]:
+    def _tellReplaced(self, session: Session, newPeer: str) -> defer.Deferred[bool | None]:
         # Best effort: the session goes either way.
         if session.client is None:
             return defer.succeed(None)
@@ -105,7 +105,7 @@ class ReplaceOldest:
         reason = (
             f"{session.user}'s session {session.id} from {session.peer} {REPLACED} from {newPeer}"
         )
-        told: defer.Deferred[object] = session.client.notifyKicked(reason)
+        told = session.client.notifyKicked(reason)
         return told.addTimeout(self.pingTimeout, self.clock).addErrback(lambda _: None)
 
 
@@ -127,7 +127,7 @@ class ReplaceStale:
         if await self._answers(oldest):
             registry.stillWanted(connection)
             if registry.full(oldest.user):
-                raise TooManyConnections(registry.maxPerUser)
+                raise registry.tooMany()
         elif not oldest.closed:
             registry.stillWanted(connection)
             registry.drop(oldest, "did not answer a ping, and was replaced", "stale")

@@ -118,7 +118,11 @@ class Realm:
             greeter = self._greeters[user] = Greeter(user)
         return greeter
 
-    def requestAvatar(self, avatarId: str, mind: ClientReference | None, *interfaces: Any):
+    # Twisted types avatar ids as bytes and minds as anything; ours are user
+    # names as text, and the session's client.
+    def requestAvatar(  # type: ignore[override]
+        self, avatarId: str, mind: ClientReference | None, *interfaces: Any
+    ):
         """
         @param mind: the session's client, which the realm pushes to, or
             L{None} if the login passed no mind.

@@ -52,7 +52,9 @@ class SessionsAvatar(Avatar):
     def sessionMessageReceived(self, session: Session, broker, message, args, kw):
         return dispatch(broker, self, "perspective_", message, args, kw, self, bound=(session,))
 
-    def perspective_greet(self, caller: Session) -> str:
+    # Called with the caller bound first (see sessionMessageReceived): the
+    # remote signature is the base's, without it.
+    def perspective_greet(self, caller: Session) -> str:  # type: ignore[override]
         """
         Greet, as in C{cache}, and push C{notifyGreeting(text)} to the user's
         other sessions.
@@ -61,7 +63,7 @@ class SessionsAvatar(Avatar):
         self.tellOthers(caller, ClientReference.notifyGreeting, text)
         return text
 
-    def perspective_status(self, caller: Session) -> dict[str, Any]:
+    def perspective_status(self, caller: Session) -> dict[str, Any]:  # type: ignore[override]
         return self.describe(self.greeter.user)
 
     def perspective_sessions(self, caller: Session) -> list[dict[str, Any]]:
