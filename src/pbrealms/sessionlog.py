@@ -4,6 +4,7 @@ The log lines and metrics of sessions: an observer of the session registry.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
@@ -12,7 +13,7 @@ from twisted.logger import Logger
 from pbrealms.metrics import ServerMetrics
 
 if TYPE_CHECKING:
-    from pbrealms.sessions import Session, SessionRegistry
+    from pbrealms.session import Session
 
 
 class SessionLog:
@@ -25,11 +26,17 @@ class SessionLog:
 
     _log = Logger()
 
-    def __init__(self, registry: SessionRegistry, metrics: ServerMetrics, clock: IReactorTime):
-        self.realm = registry.realm
+    def __init__(
+        self, realm: str, count: Callable[[], float], metrics: ServerMetrics, clock: IReactorTime
+    ) -> None:
+        """
+        @param realm: the realm's name, for each line.
+        @param count: how many sessions are open, for C{pbrealms_sessions_open}.
+        """
+        self.realm = realm
         self.metrics = metrics
         self.clock = clock
-        metrics.countSessions(registry.realm, registry.__len__)
+        metrics.countSessions(realm, count)
 
     def sessionOpened(self, session: Session) -> None:
         self._log.info(

@@ -12,22 +12,20 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator
-from functools import partial
 from itertools import count
 from operator import attrgetter
-from typing import Protocol, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.spread import pb
 
 from pbrealms.connection import IConnection
 from pbrealms.errors import ShuttingDown, TooManyConnections
 from pbrealms.metrics import ServerMetrics
-from pbrealms.push import ClientReference
+from pbrealms.session import Session, SessionObserver
 from pbrealms.sessionlog import SessionLog
+from pbrealms.turns import ConnectionGone, Turns
 from pbrealms.whenfull import REFUSE, WhenFull, policyNamed
 
 _sessionId = attrgetter("id")
@@ -35,212 +33,6 @@ _sessionId = attrgetter("id")
 #: How many logins of one user may wait behind the one that is replacing a
 #: session; beyond that a login is refused at once (L{TooManyConnections}).
 MAX_WAITING_PER_USER = 16
-
-
-class ConnectionGone(Exception):
-    """
-    The client disconnected before its login completed.
-    """
-
-
-class SessionObserver(Protocol):
-    """
-    Told when sessions open and close; realms are.
-    """
-
-    def sessionOpened(self, session: Session) -> None: ...
-
-    def sessionClosed(self, session: Session, reason: str) -> None: ...
-
-
-class Session:
-    """
-    One login of one user, from its admission until it ends.
-
-    @ivar id: a number unique in this process.
-    @ivar user: the user name.
-    @ivar peer: the client's address, as text.
-    @ivar since: when the session was admitted, in seconds since the epoch.
-    @ivar mind: what the client passed to login as its client object, or
-        L{None}.
-    @ivar client: its mind as L{pbrealms.protocol.IClient}, what the server pushes through;
-        L{None} without a mind.
-    @ivar connection: the connection the session came on, or L{None}.
-    @ivar lastCall: when the client last called its avatar (or logged in).
-    @ivar successor: once it has ended, the address of the login that
-        replaced it, if one did.
-    @ivar droppedFor: once it has ended, why the server dropped it (a label
-        of C{pbrealms_sessions_dropped_total}), if it did.
-    """
-
-    __slots__ = (
-        "_onClose",
-        "_registry",
-        "active",
-        "client",
-        "closed",
-        "connection",
-        "droppedFor",
-        "id",
-        "lastCall",
-        "mind",
-        "peer",
-        "since",
-        "successor",
-        "user",
-    )
-
-    def __init__(
-        self,
-        registry: SessionRegistry,
-        id: int,
-        user: str,
-        peer: str,
-        since: float,
-        mind: object,
-        connection: IConnection | None = None,
-    ) -> None:
-        self._registry = registry
-        self.id = id
-        self.user = user
-        self.peer = peer
-        self.since = since
-        self.mind = mind
-        self.client: ClientReference | None = None
-        if mind is not None:
-            # A client may pass anything as its mind: pushes to one that is
-            # not a reference fail as an error answer would.
-            reference = cast(pb.RemoteReference, mind)
-            onGone = partial(self.close, "disconnected")
-            self.client = ClientReference(reference, registry.metrics, onGone)
-        self.connection = connection
-        self.lastCall = since
-        self.successor: str | None = None
-        self.droppedFor: str | None = None
-        self.active = False
-        self.closed = False
-        self._onClose: list[Callable[[], object]] = []
-
-    def onClose(self, callback: Callable[[], object]) -> None:
-        """
-        Call C{callback} when this session ends; at once if it has ended.
-        Callbacks run in the reverse order of registration.
-        """
-        if self.closed:
-            callback()
-        else:
-            self._onClose.append(callback)
-
-    def close(self, reason: str = "logged out", successor: str | None = None) -> None:
-        """
-        End this session.  Only the first call has an effect, so every path
-        that ends a session may call it.
-
-        @param reason: completes "USER ... from PEER" in the log line.
-        @param successor: the address of the login that replaced this
-            session, if one did: the log line names both addresses.
-        """
-        if self.closed:
-            return
-        self.closed = True
-        self.successor = successor
-        self._registry.forget(self, reason)
-        callbacks, self._onClose = self._onClose, []
-        for callback in reversed(callbacks):
-            try:
-                callback()
-            except Exception:
-                _log.failure(
-                    "error while closing session {id} of {user}", id=self.id, user=self.user
-                )
-        self._registry.settled(self)
-
-    def info(self) -> dict[str, object]:
-        """
-        What the user's other sessions are told of this one.
-        """
-        return {"id": self.id, "peer": self.peer, "since": self.since}
-
-    def __repr__(self) -> str:
-        return f"<Session {self.id} {self.user} from {self.peer}>"
-
-
-class _Turns:
-    """
-    The logins of one user that is replacing a session, let in one at a time
-    in the order they came: a FIFO lock, as L{defer.DeferredLock}.
-
-    Unlike L{defer.DeferredLock} (or C{DeferredSemaphore}, C{DeferredQueue}),
-    releasing never recurses.  Those fire the next waiter from inside
-    C{release}; a waiter that fails at once (its client has gone) releases in
-    turn, one stack level deeper, and a few hundred such waiters hit the
-    recursion limit with the lock left held.  Here the lock is handed on in a
-    loop: a release made while it runs returns to it.
-
-    @ivar locked: whether a login holds its turn.
-    @ivar waiting: the logins waiting, first come first, each with its
-        connection.
-    """
-
-    def __init__(self) -> None:
-        self.locked = False
-        self.waiting: list[tuple[defer.Deferred[None], IConnection | None]] = []
-        self._handing = False
-
-    @property
-    def idle(self) -> bool:
-        """
-        Nobody holds or waits for a turn, and none is being handed on.
-        """
-        return not (self.locked or self.waiting or self._handing)
-
-    def acquire(self, connection: IConnection | None) -> defer.Deferred[None]:
-        """
-        @return: a L{Deferred} firing once it is this login's turn, or
-            failing with L{ConnectionGone} if L{prune} finds C{connection}
-            closed first.
-        """
-        if not (self.locked or self.waiting):
-            self.locked = True
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred(self._cancel)
-        self.waiting.append((d, connection))
-        return d
-
-    def _cancel(self, d: defer.Deferred[None]) -> None:
-        self.waiting = [w for w in self.waiting if w[0] is not d]
-
-    def prune(self) -> None:
-        """
-        Fail at once the waiters whose connection has closed, which would
-        fail at their turn anyway.
-        """
-        kept: list[tuple[defer.Deferred[None], IConnection | None]] = []
-        gone: list[defer.Deferred[None]] = []
-        for d, connection in self.waiting:
-            if connection is not None and not connection.connected:
-                gone.append(d)
-            else:
-                kept.append((d, connection))
-        self.waiting = kept
-        for d in gone:
-            d.errback(ConnectionGone())
-
-    def release(self) -> None:
-        """
-        End the current turn and hand the next one on, without recursion.
-        """
-        self.locked = False
-        if self._handing:
-            return  # called from a waiter the loop below let in: it goes on
-        self._handing = True
-        try:
-            while self.waiting and not self.locked:
-                d, _ = self.waiting.pop(0)
-                self.locked = True
-                d.callback(None)
-        finally:
-            self._handing = False
 
 
 _log = Logger()
@@ -287,7 +79,7 @@ class SessionRegistry:
         self._observers: list[SessionObserver] = []
         # Users with a login waiting for a replaced session to go: their
         # logins are admitted one at a time, in order.
-        self._replacing: dict[str, _Turns] = {}
+        self._replacing: dict[str, Turns] = {}
         # Sessions admitted under that lock, and how to release it once each
         # has logged in or ended.
         self._settling: dict[int, Callable[[], None]] = {}
@@ -296,7 +88,7 @@ class SessionRegistry:
         # client gone) is told of after, never inside, another's.
         self._news: deque[tuple[Callable[..., object], Session, tuple[object, ...]]] = deque()
         self._telling = False
-        self.observe(SessionLog(self, self.metrics, clock))
+        self.observe(SessionLog(realm, self.__len__, self.metrics, clock))
 
     @property
     def whenFull(self) -> str:
@@ -350,7 +142,7 @@ class SessionRegistry:
         if turns is None:
             if not self.policy.replaces or not self.full(user):
                 return defer.maybeDeferred(self.open, user, peer, mind, connection)
-            turns = self._replacing[user] = _Turns()
+            turns = self._replacing[user] = Turns()
         elif len(turns.waiting) >= self.maxWaiting:
             turns.prune()
             if len(turns.waiting) >= self.maxWaiting:

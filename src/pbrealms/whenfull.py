@@ -19,13 +19,52 @@ from pbrealms.errors import ShuttingDown
 
 if TYPE_CHECKING:
     from pbrealms.connection import IConnection
-    from pbrealms.sessions import Session, SessionRegistry
+    from pbrealms.errors import TooManyConnections
+    from pbrealms.session import Session
 
 REFUSE, REPLACE_OLDEST, REPLACE_STALE = "refuse", "replace-oldest", "replace-stale"
 
 #: Why a session replaced under L{ReplaceOldest} ended, as its log line,
 #: C{notifyKicked} and C{notifySessionClosed} say.
 REPLACED = "was replaced by a newer login"
+
+
+class Admission(Protocol):
+    """
+    What a policy may do with the registry that asks it.
+
+    @ivar closing: whether the server is shutting down.
+    """
+
+    closing: bool
+
+    def full(self, user: str) -> bool:
+        """
+        Whether C{user} has as many sessions as allowed.
+        """
+
+    def stillWanted(self, connection: IConnection | None) -> None:
+        """
+        @raise ShuttingDown: if the server is shutting down.
+        @raise ConnectionGone: if C{connection} has closed.
+        """
+
+    def tooMany(self) -> TooManyConnections:
+        """
+        The refusal of a login beyond the limit.
+        """
+
+    def drop(
+        self,
+        session: Session,
+        reason: str,
+        why: str,
+        keepConnection: bool = False,
+        successor: str | None = None,
+    ) -> None:
+        """
+        End C{session} and close its connection, unless C{keepConnection}.
+        """
 
 
 class WhenFull(Protocol):
@@ -41,7 +80,7 @@ class WhenFull(Protocol):
     replaces: bool
 
     async def makeRoom(
-        self, registry: SessionRegistry, oldest: Session, peer: str, connection: IConnection | None
+        self, registry: Admission, oldest: Session, peer: str, connection: IConnection | None
     ) -> None:
         """
         End C{oldest}, the user's oldest logged-in session, if the policy
@@ -62,7 +101,7 @@ class Refuse:
     replaces = False
 
     async def makeRoom(
-        self, registry: SessionRegistry, oldest: Session, peer: str, connection: IConnection | None
+        self, registry: Admission, oldest: Session, peer: str, connection: IConnection | None
     ) -> None:
         raise registry.tooMany()
 
@@ -81,7 +120,7 @@ class ReplaceOldest:
         self.pingTimeout = pingTimeout
 
     async def makeRoom(
-        self, registry: SessionRegistry, oldest: Session, peer: str, connection: IConnection | None
+        self, registry: Admission, oldest: Session, peer: str, connection: IConnection | None
     ) -> None:
         await self._tellReplaced(oldest, peer)
         # Told it is replaced, it goes even if the new login has gone
@@ -122,7 +161,7 @@ class ReplaceStale:
         self.pingTimeout = pingTimeout
 
     async def makeRoom(
-        self, registry: SessionRegistry, oldest: Session, peer: str, connection: IConnection | None
+        self, registry: Admission, oldest: Session, peer: str, connection: IConnection | None
     ) -> None:
         if await self._answers(oldest):
             registry.stillWanted(connection)
