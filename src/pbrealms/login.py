@@ -8,6 +8,12 @@ session the registry admits is closed exactly once, whichever way it ends:
 logout (the client drops its reference), disconnect, or a drop before, during
 or after the checker and realm run.  This is the only module that touches
 PB's login internals.
+
+It is longer than the others (some 600 lines) because it is one state machine
+read as a whole: the gate a connection gets, the challenge, the login's steps
+and the reference a session is reached by, which hand each other the same
+connection and session at every step.  Split, each part would reach into the
+others' state.
 """
 
 from __future__ import annotations
