@@ -10,10 +10,12 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.resources import files
+from typing import Any
 
 from twisted.application import internet
+from twisted.application.service import IService
 from twisted.cred import strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword
@@ -286,7 +288,8 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
         "line; an empty variable counts as unset. The command line wins, and --passwd or "
         "--auth there overrides both PBREALMS_PASSWD and PBREALMS_AUTH."
     )
-    optParameters = [
+    # Rows of mixed types, as usage.Options reads them (untyped there too).
+    optParameters: list[list[Any]] = [
         [
             "realm",
             "r",
@@ -475,10 +478,12 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
         L{_credentialsFromEnvironment}.)
         """
         for parameter in self.optParameters:
-            name, _, default, _, coerce = (*parameter, None)[:5]
+            # A row is [long, short, default, doc] and perhaps its coerce.
+            name: str = parameter[0]
+            default: str | None = parameter[2]
+            coerce: Callable[[str], object] = (parameter[4] if len(parameter) > 4 else None) or str
             if name in self.given:
                 continue
-            coerce = coerce or str
             value = os.environ.get(environmentName(name))
             if value:
                 self.given[name] = environmentName(name)
@@ -493,7 +498,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
         """
         return self.given.get(option, "--" + option)
 
-    def parseOptions(self, options: list[str] | None = None) -> None:
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """
         Parse for twistd, which calls this as the command's entry point: a
         L{usage.UsageError} becomes one line on standard error and exit
@@ -820,7 +825,7 @@ def makeService(options: Options) -> PBRealmsService:
 
     server = TwistdService()
     # Started in this order, stopped in the reverse one (see PBRealmsService).
-    children = []
+    children: list[tuple[str, IService]] = []
     if options["metrics"] is not None:
         site = metricsSite(metrics, isServing=lambda: server.listening, sessions=registry.describe)
         where, option = options["metrics"], options._name("metrics")
