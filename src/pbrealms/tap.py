@@ -12,14 +12,14 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from importlib.resources import files
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application import internet
 from twisted.application.service import IService
 from twisted.cred import strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword
-from twisted.internet import endpoints
+from twisted.internet import endpoints, protocol
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
@@ -117,18 +117,66 @@ def withSocketMode(description: str) -> str:
     return description
 
 
-def isLocalOnly(endpoint: IStreamServerEndpoint) -> bool:
+class _Listening:
     """
-    Whether an endpoint listens only where no other machine can connect: a
-    UNIX socket, or TCP on a loopback interface.
+    A reactor for one endpoint's C{listen} that listens nowhere: it notes
+    the port and interface that the endpoint passes to C{listenTCP} or
+    C{listenSSL}.
+
+    @ivar at: the port and interface, once noted.
+    """
+
+    def __init__(self) -> None:
+        self.at: tuple[int, str] | None = None
+
+    def listenTCP(self, port: int, factory: object, backlog: int = 50, interface: str = "") -> None:
+        self.at = (port, interface)
+
+    def listenSSL(
+        self,
+        port: int,
+        factory: object,
+        contextFactory: object,
+        backlog: int = 50,
+        interface: str = "",
+    ) -> None:
+        self.at = (port, interface)
+
+
+def listeningAt(description: str) -> tuple[int, str] | None:
+    """
+    The port and interface that a TCP, TCP6 or SSL server endpoint
+    description listens on; L{None} for other kinds.  They are what its
+    endpoint passes to the reactor as it listens, not read from the text,
+    so that no spelling of the description (a repeated or positional
+    interface) can disagree with what listens.
+
+    @param description: a description that L{endpoints.serverFromString}
+        parses.
+    """
+    reactor = _Listening()
+    endpoint = endpoints.serverFromString(reactor, description)
+    if isinstance(
+        endpoint,
+        (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint, endpoints.SSL4ServerEndpoint),
+    ):
+        endpoint.listen(protocol.Factory())
+    return reactor.at
+
+
+def isLocalOnly(endpoint: IStreamServerEndpoint, description: str) -> bool:
+    """
+    Whether an endpoint, parsed from C{description}, listens only where no
+    other machine can connect: a UNIX socket, or TCP on a loopback
+    interface (see L{listeningAt}).
     """
     if isinstance(endpoint, endpoints.UNIXServerEndpoint):
         return True
     if not isinstance(endpoint, (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint)):
         return False
-    # Read from the parsed endpoint, not the text, so that no spelling of the
-    # description (a repeated or positional interface) can disagree with it.
-    host = endpoint._interface
+    listening = listeningAt(description)
+    assert listening is not None  # a TCP endpoint's
+    host = listening[1]
     if host == "localhost":
         return True
     try:
@@ -523,12 +571,25 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             return False
         return super().supportsCheckerFactory(factory)
 
-    def _checkerFactoriesForOptHelpAuth(self):
-        return (
-            f
-            for f in super()._checkerFactoriesForOptHelpAuth()
-            if f.authType not in UNUSABLE_AUTH_TYPES
-        )
+    def opt_help_auth(self) -> NoReturn:
+        """
+        Show all authentication methods available.
+        """
+        # strcred's table, of the types this server takes only
+        # (supportsCheckerFactory), where strcred lists every type that
+        # offers a supported interface.
+        usable = [f for f in strcred.findCheckerFactories() if self.supportsCheckerFactory(f)]
+        self.authOutput.write("Usage: --auth AuthType[:ArgString]\n")
+        self.authOutput.write("For detailed help: --help-auth-type AuthType\n")
+        self.authOutput.write("\n")
+        width = max((len(f.authType) for f in usable), default=0)
+        row = f"  %-{width}s\t%s\n"
+        self.authOutput.write(row % ("AuthType", "ArgString format"))
+        self.authOutput.write(row % ("========", "================"))
+        for factory in usable:
+            self.authOutput.write(row % (factory.authType, factory.argStringFormat))
+        self.authOutput.write("\n")
+        raise SystemExit(0)
 
     def opt_auth(self, description: str) -> None:
         """
@@ -593,7 +654,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             self["penalty-exempt"] = parseNetworks("")
         if self["metrics"] is not None:
             self["metrics-endpoint"] = self._endpoint(self["metrics"], self._name("metrics"))
-        if self["demo"] and not isLocalOnly(self["endpoint"]):
+        if self["demo"] and not isLocalOnly(self["endpoint"], _spelledOut(self["port"])):
             raise usage.UsageError(
                 f"refusing to serve the demo users on {self['port']!r}, which is not "
                 "loopback-only: give --passwd FILE or --auth, or listen on 127.0.0.1"
@@ -607,18 +668,18 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
     def _endpoint(description: str, setting: str) -> IStreamServerEndpoint:
         from twisted.internet import reactor
 
-        if description.isdigit():
-            description = "tcp:" + description  # as twistd's old strports allowed
+        description = _spelledOut(description)
         try:
             endpoint = endpoints.serverFromString(reactor, description)
         except Exception as e:
             raise usage.UsageError(
                 f"bad {setting} {description!r}: {endpointError(description, e)}"
             ) from None
-        port = getattr(endpoint, "_port", None)
-        if isinstance(port, int) and not 0 <= port <= 65535:
+        listening = listeningAt(description)
+        if listening is not None and not 0 <= listening[0] <= 65535:
             raise usage.UsageError(
-                f"bad {setting} {description!r}: the port must be from 0 to 65535, not {port}"
+                f"bad {setting} {description!r}: the port must be from 0 to 65535, "
+                f"not {listening[0]}"
             )
         for complete in (withBacklog, withSocketMode):
             completed = complete(description)
@@ -707,6 +768,14 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             setting = self._name("passwd")
             text = str(e) if setting.startswith("--") else f"{setting}: {e}"
             raise usage.UsageError(text) from None
+
+
+def _spelledOut(description: str) -> str:
+    """
+    C{description} as an endpoint description: a port number alone is TCP's,
+    as twistd's old strports allowed.
+    """
+    return "tcp:" + description if description.isdigit() else description
 
 
 #: Examples for the kinds of endpoint a TCP example would mislead about.
