@@ -5,6 +5,7 @@ the service tree it builds.
 
 from __future__ import annotations
 
+import getopt
 import ipaddress
 import math
 import os
@@ -37,7 +38,7 @@ from pbrealms.errors import InvalidPeriod
 from pbrealms.guard import Network, SourcePenalties, parseNetworks
 from pbrealms.login import LoginRoot
 from pbrealms.metrics import ServerMetrics, metricsSite
-from pbrealms.options import BadValue, NamedCoercion, coerced
+from pbrealms.options import BadValue, coerced, rowCoercion
 from pbrealms.options import Options as CommandOptions
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
 from pbrealms.realms import REALMS
@@ -303,17 +304,6 @@ def exemptNetworks(value: str) -> list[Network]:
         raise BadValue("{setting}: {reason}", reason=str(e)) from None
 
 
-class _FromCommandLine(NamedCoercion):
-    """
-    The coercion of a value from the command line, which notes that the
-    command line gave it (see L{Options.given}).
-    """
-
-    def dispatch(self, parameterName: str, value: str | None) -> None:
-        self.options.given[parameterName] = "--" + parameterName
-        super().dispatch(parameterName, value)
-
-
 class Options(CommandOptions, strcred.AuthOptionMixin):
     """
     The options of C{twistd pbrealms}.  Every check is made here, so that a
@@ -498,23 +488,24 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
     def __init__(self) -> None:
         self.given: dict[str, str] = {}
         super().__init__()
-        for name, handler in list(self._dispatch.items()):
-            if not isinstance(handler, usage.CoerceParameter):
-                self._dispatch[name] = self._noting(name, handler)
 
-    def coercion(self, coerce: Callable[[str], object]) -> usage.CoerceParameter:
-        return _FromCommandLine(self, coerce)
-
-    def _noting(self, name: str, handler: Callable[[str, str | None], None]):
+    def _noteGiven(self, arguments: Sequence[str]) -> None:
         """
-        C{handler}, which first notes that the command line gave C{name}.
+        Note in L{given} each option that C{arguments} give, by its long
+        name, as C{usage.Options} reads them (getopt, then its synonyms).
+        Arguments that getopt refuses are left for the parse to report.
         """
-
-        def dispatch(optionName: str, value: str | None = None) -> None:
-            self.given[name] = "--" + name
-            handler(optionName, value)
-
-        return dispatch
+        try:
+            opts, _ = getopt.getopt(list(arguments), self.shortOpt, self.longOpt)
+        except getopt.GetoptError:
+            return
+        for opt, _ in opts:
+            spelled = opt[2:] if opt.startswith("--") else opt[1:]
+            if spelled not in self.synonyms:
+                spelled = spelled.replace("-", "_")
+            name = self.synonyms.get(spelled)
+            if name is not None:
+                self.given[name] = "--" + name
 
     def _settle(self) -> None:
         """
@@ -529,7 +520,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             # A row is [long, short, default, doc] and perhaps its coerce.
             name: str = parameter[0]
             default: str | None = parameter[2]
-            coerce: Callable[[str], object] = (parameter[4] if len(parameter) > 4 else None) or str
+            coerce = rowCoercion(parameter)
             if name in self.given:
                 continue
             value = os.environ.get(environmentName(name))
@@ -553,8 +544,10 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
         status 2.  (twistd itself would print the whole --help to standard
         output and exit 1.)  Every check below raises L{usage.UsageError}.
         """
+        arguments = list(sys.argv[1:] if options is None else options)
         try:
-            super().parseOptions(options)
+            self._noteGiven(arguments)
+            super().parseOptions(arguments)
         except usage.UsageError as e:
             sys.stderr.write(f"{ERROR_PREFIX}{e}\n")
             raise SystemExit(2) from None
