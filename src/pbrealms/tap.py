@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from importlib.resources import files
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from twisted.application import internet
 from twisted.application.service import IService
@@ -326,8 +326,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
         "line; an empty variable counts as unset. The command line wins, and --passwd or "
         "--auth there overrides both PBREALMS_PASSWD and PBREALMS_AUTH."
     )
-    # Rows of mixed types, as usage.Options reads them (untyped there too).
-    optParameters: list[list[Any]] = [
+    optParameters = [
         [
             "realm",
             "r",
