@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as distributionVersion
+from typing import Any
 
 from twisted.python import usage
 
@@ -73,16 +74,35 @@ def coerced(coerce: Callable[[str], object], value: str, setting: str) -> object
         raise usage.UsageError(f"{setting} {value!r}: {reason}") from None
 
 
-class NamedCoercion(usage.CoerceParameter):
+class NamedCoercion:
     """
-    Twisted's coercion, whose error names the option and the value given
-    instead of only the converter's complaint (see L{coerced}).
+    The coerce column of one option's row, as L{Options} puts it there: its
+    own function, whose refusal names the option and the value given
+    instead of only the function's complaint (see L{coerced}).  Twisted's
+    L{usage.CoerceParameter} calls it with the command line's value, and
+    lets the L{usage.UsageError} through.
+
+    @ivar coerce: the row's own function.
+    @ivar option: the option's long name.
+    @ivar coerceDoc: the function's, which C{--help} shows.
     """
 
-    def dispatch(self, parameterName: str, value: str | None) -> None:
-        if value is None:
-            raise usage.UsageError(f"--{parameterName} needs a value")
-        self.options.opts[parameterName] = coerced(self.coerce, value, "--" + parameterName)
+    def __init__(self, coerce: Callable[[str], object], option: str) -> None:
+        self.coerce = coerce
+        self.option = option
+        self.coerceDoc = getattr(coerce, "coerceDoc", "")
+
+    def __call__(self, value: str) -> object:
+        return coerced(self.coerce, value, "--" + self.option)
+
+
+def rowCoercion(row: Sequence[Any]) -> Callable[[str], object]:
+    """
+    The own coerce function of a row of C{optParameters}, for a value that
+    comes from elsewhere than the command line: C{str} if it has none.
+    """
+    coerce = row[4] if len(row) > 4 and row[4] is not None else str
+    return coerce.coerce if isinstance(coerce, NamedCoercion) else coerce
 
 
 class Options(usage.Options):
@@ -99,18 +119,17 @@ class Options(usage.Options):
         L{BadValue} to word the whole line.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        for name, handler in self._dispatch.items():
-            if type(handler) is usage.CoerceParameter:
-                self._dispatch[name] = self.coercion(handler.coerce)
+    #: Each class's own rows of options that take a value, as usage.Options
+    #: reads them: [long, short, default, doc] and perhaps a coerce function.
+    optParameters: list[list[Any]]
 
-    def coercion(self, coerce: Callable[[str], object]) -> usage.CoerceParameter:
-        """
-        The dispatcher that gives an option's value to C{coerce} (its coerce
-        column) and reports a refusal in one line naming the option.
-        """
-        return NamedCoercion(self, coerce)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Each class's own rows, as usage.Options gathers them: their coerce
+        # column, wrapped once, names the option in a refusal.
+        super().__init_subclass__(**kwargs)
+        rows = cls.__dict__.get("optParameters")
+        if rows:
+            cls.optParameters = [_named(row) for row in rows]
 
     def opt_version(self) -> None:
         """
@@ -123,6 +142,17 @@ class Options(usage.Options):
         arguments = list(sys.argv[1:] if options is None else options)
         refuseAbbreviations(arguments, self.shortOpt, self.longOpt)
         super().parseOptions(arguments)
+
+
+def _named(row: Sequence[Any]) -> list[Any]:
+    """
+    A row of C{optParameters} whose coerce function, if it has one, is a
+    L{NamedCoercion}.
+    """
+    row = list(row)
+    if len(row) > 4 and row[4] is not None and not isinstance(row[4], NamedCoercion):
+        row[4] = NamedCoercion(row[4], row[0])
+    return row
 
 
 def refuseAbbreviations(arguments: Sequence[str], shortOpt: str, longOpt: Sequence[str]) -> None:

@@ -9,6 +9,7 @@ from twisted.application import internet, service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
+    IAddress,
     IListeningPort,
     IProtocolFactory,
     IReactorTime,
@@ -50,6 +51,8 @@ class PBServerFactory(pb.PBServerFactory):
 
     noisy = False
     protocol = LimitedBroker
+    # pb.PBServerFactory keeps IPBRoot(root): the root itself, which provides it.
+    root: LoginRoot
 
     def __init__(
         self,
@@ -65,9 +68,9 @@ class PBServerFactory(pb.PBServerFactory):
         self.maxMessageBytes = maxMessageBytes
         self.maxDepth = maxDepth
         self.unfinished = UnfinishedBytes(maxUnfinishedBytes)
-        self.brokers: set[pb.Broker] = set()
+        self.brokers: set[LimitedBroker] = set()
 
-    def buildProtocol(self, addr) -> pb.Broker | None:
+    def buildProtocol(self, addr: IAddress | None) -> LimitedBroker | None:
         # Returning None closes the connection as it is accepted.
         host = sourceOf(addr)
         if not self.root.admits(host):
@@ -79,7 +82,7 @@ class PBServerFactory(pb.PBServerFactory):
             full = len(self.brokers) >= self.maxConnections + MAKING_ROOM
             if full or not self.root.waiting.makeRoom(host):
                 return None
-        broker = super().buildProtocol(addr)
+        broker: LimitedBroker = super().buildProtocol(addr)
         broker.maxMessageBytes, broker.maxDepth = self.maxMessageBytes, self.maxDepth
         broker.unfinished = self.unfinished
         broker.localObjectForID(b"root").watch(host)  # the login gate
@@ -148,7 +151,7 @@ class Listener(internet.StreamServerEndpointService):
         failed, self._failedAtStart = self._failedAtStart, None
         if failed is not None:
             raise ListenFailed(
-                f"cannot listen on {self.description} ({self.option}): {listenError(failed.value)}"
+                f"cannot listen on {self.description} ({self.option}): {listenError(failed)}"
             )
 
     def _listened(self, port: IListeningPort) -> IListeningPort:
@@ -175,7 +178,7 @@ class Listener(internet.StreamServerEndpointService):
             label=self.label,
             where=self.description,
             option=self.option,
-            error=listenError(reason.value),
+            error=listenError(reason),
         )
         return None
 
@@ -191,11 +194,12 @@ class ListenFailed(Exception):
     """
 
 
-def listenError(error: BaseException) -> str:
+def listenError(failure: Failure) -> str:
     """
-    Why listening failed, as the system said it: C{address already in use},
-    without Twisted's repetition of the address.
+    Why listening failed (C{failure}), as the system said it: C{address
+    already in use}, without Twisted's repetition of the address.
     """
+    error = failure.value
     if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
         error = error.socketError
     if isinstance(error, OSError) and error.strerror:
@@ -263,6 +267,8 @@ class GracefulShutdown(service.Service):
             broker.notifyOnDisconnect(lambda d=d: d.callback(None))
             closed.append(d)
             # A peer that stopped reading would never let loseConnection finish.
+            # (Each broker here is connected: it leaves the set as it is lost.)
+            assert broker.transport is not None
             broker.transport.abortConnection()
         return defer.gatherResults(closed)
 

@@ -5,19 +5,22 @@ the service tree it builds.
 
 from __future__ import annotations
 
+import getopt
 import ipaddress
 import math
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.resources import files
+from typing import NoReturn
 
 from twisted.application import internet
+from twisted.application.service import IService
 from twisted.cred import strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword
-from twisted.internet import endpoints
+from twisted.internet import endpoints, protocol
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
@@ -36,7 +39,7 @@ from pbrealms.guard import Network, SourcePenalties, parseNetworks
 from pbrealms.keepalive import Keepalive
 from pbrealms.login import LoginRoot
 from pbrealms.metrics import ServerMetrics, metricsSite
-from pbrealms.options import BadValue, NamedCoercion, coerced
+from pbrealms.options import BadValue, coerced, rowCoercion
 from pbrealms.options import Options as CommandOptions
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
 from pbrealms.realms import REALMS
@@ -117,18 +120,66 @@ def withSocketMode(description: str) -> str:
     return description
 
 
-def isLocalOnly(endpoint: IStreamServerEndpoint) -> bool:
+class _Listening:
     """
-    Whether an endpoint listens only where no other machine can connect: a
-    UNIX socket, or TCP on a loopback interface.
+    A reactor for one endpoint's C{listen} that listens nowhere: it notes
+    the port and interface that the endpoint passes to C{listenTCP} or
+    C{listenSSL}.
+
+    @ivar at: the port and interface, once noted.
+    """
+
+    def __init__(self) -> None:
+        self.at: tuple[int, str] | None = None
+
+    def listenTCP(self, port: int, factory: object, backlog: int = 50, interface: str = "") -> None:
+        self.at = (port, interface)
+
+    def listenSSL(
+        self,
+        port: int,
+        factory: object,
+        contextFactory: object,
+        backlog: int = 50,
+        interface: str = "",
+    ) -> None:
+        self.at = (port, interface)
+
+
+def listeningAt(description: str) -> tuple[int, str] | None:
+    """
+    The port and interface that a TCP, TCP6 or SSL server endpoint
+    description listens on; L{None} for other kinds.  They are what its
+    endpoint passes to the reactor as it listens, not read from the text,
+    so that no spelling of the description (a repeated or positional
+    interface) can disagree with what listens.
+
+    @param description: a description that L{endpoints.serverFromString}
+        parses.
+    """
+    reactor = _Listening()
+    endpoint = endpoints.serverFromString(reactor, description)
+    if isinstance(
+        endpoint,
+        (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint, endpoints.SSL4ServerEndpoint),
+    ):
+        endpoint.listen(protocol.Factory())
+    return reactor.at
+
+
+def isLocalOnly(endpoint: IStreamServerEndpoint, description: str) -> bool:
+    """
+    Whether an endpoint, parsed from C{description}, listens only where no
+    other machine can connect: a UNIX socket, or TCP on a loopback
+    interface (see L{listeningAt}).
     """
     if isinstance(endpoint, endpoints.UNIXServerEndpoint):
         return True
     if not isinstance(endpoint, (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint)):
         return False
-    # Read from the parsed endpoint, not the text, so that no spelling of the
-    # description (a repeated or positional interface) can disagree with it.
-    host = endpoint._interface
+    listening = listeningAt(description)
+    assert listening is not None  # a TCP endpoint's
+    host = listening[1]
     if host == "localhost":
         return True
     try:
@@ -253,17 +304,6 @@ def exemptNetworks(value: str) -> list[Network]:
         return parseNetworks(value)
     except ValueError as e:
         raise BadValue("{setting}: {reason}", reason=str(e)) from None
-
-
-class _FromCommandLine(NamedCoercion):
-    """
-    The coercion of a value from the command line, which notes that the
-    command line gave it (see L{Options.given}).
-    """
-
-    def dispatch(self, parameterName: str, value: str | None) -> None:
-        self.options.given[parameterName] = "--" + parameterName
-        super().dispatch(parameterName, value)
 
 
 class Options(CommandOptions, strcred.AuthOptionMixin):
@@ -449,23 +489,24 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
     def __init__(self) -> None:
         self.given: dict[str, str] = {}
         super().__init__()
-        for name, handler in list(self._dispatch.items()):
-            if not isinstance(handler, usage.CoerceParameter):
-                self._dispatch[name] = self._noting(name, handler)
 
-    def coercion(self, coerce: Callable[[str], object]) -> usage.CoerceParameter:
-        return _FromCommandLine(self, coerce)
-
-    def _noting(self, name: str, handler: Callable[[str, str | None], None]):
+    def _noteGiven(self, arguments: Sequence[str]) -> None:
         """
-        C{handler}, which first notes that the command line gave C{name}.
+        Note in L{given} each option that C{arguments} give, by its long
+        name, as C{usage.Options} reads them (getopt, then its synonyms).
+        Arguments that getopt refuses are left for the parse to report.
         """
-
-        def dispatch(optionName: str, value: str | None = None) -> None:
-            self.given[name] = "--" + name
-            handler(optionName, value)
-
-        return dispatch
+        try:
+            opts, _ = getopt.getopt(list(arguments), self.shortOpt, self.longOpt)
+        except getopt.GetoptError:
+            return
+        for opt, _ in opts:
+            spelled = opt[2:] if opt.startswith("--") else opt[1:]
+            if spelled not in self.synonyms:
+                spelled = spelled.replace("-", "_")
+            name = self.synonyms.get(spelled)
+            if name is not None:
+                self.given[name] = "--" + name
 
     def _settle(self) -> None:
         """
@@ -477,10 +518,12 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
         L{_credentialsFromEnvironment}.)
         """
         for parameter in self.optParameters:
-            name, _, default, _, coerce = (*parameter, None)[:5]
+            # A row is [long, short, default, doc] and perhaps its coerce.
+            name: str = parameter[0]
+            default: str | None = parameter[2]
+            coerce = rowCoercion(parameter)
             if name in self.given:
                 continue
-            coerce = coerce or str
             value = os.environ.get(environmentName(name))
             if value:
                 self.given[name] = environmentName(name)
@@ -495,15 +538,17 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
         """
         return self.given.get(option, "--" + option)
 
-    def parseOptions(self, options: list[str] | None = None) -> None:
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
         """
         Parse for twistd, which calls this as the command's entry point: a
         L{usage.UsageError} becomes one line on standard error and exit
         status 2.  (twistd itself would print the whole --help to standard
         output and exit 1.)  Every check below raises L{usage.UsageError}.
         """
+        arguments = list(sys.argv[1:] if options is None else options)
         try:
-            super().parseOptions(options)
+            self._noteGiven(arguments)
+            super().parseOptions(arguments)
         except usage.UsageError as e:
             sys.stderr.write(f"{ERROR_PREFIX}{e}\n")
             raise SystemExit(2) from None
@@ -520,12 +565,25 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             return False
         return super().supportsCheckerFactory(factory)
 
-    def _checkerFactoriesForOptHelpAuth(self):
-        return (
-            f
-            for f in super()._checkerFactoriesForOptHelpAuth()
-            if f.authType not in UNUSABLE_AUTH_TYPES
-        )
+    def opt_help_auth(self) -> NoReturn:
+        """
+        Show all authentication methods available.
+        """
+        # strcred's table, of the types this server takes only
+        # (supportsCheckerFactory), where strcred lists every type that
+        # offers a supported interface.
+        usable = [f for f in strcred.findCheckerFactories() if self.supportsCheckerFactory(f)]
+        self.authOutput.write("Usage: --auth AuthType[:ArgString]\n")
+        self.authOutput.write("For detailed help: --help-auth-type AuthType\n")
+        self.authOutput.write("\n")
+        width = max((len(f.authType) for f in usable), default=0)
+        row = f"  %-{width}s\t%s\n"
+        self.authOutput.write(row % ("AuthType", "ArgString format"))
+        self.authOutput.write(row % ("========", "================"))
+        for factory in usable:
+            self.authOutput.write(row % (factory.authType, factory.argStringFormat))
+        self.authOutput.write("\n")
+        raise SystemExit(0)
 
     def opt_auth(self, description: str) -> None:
         """
@@ -590,7 +648,7 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             self["penalty-exempt"] = parseNetworks("")
         if self["metrics"] is not None:
             self["metrics-endpoint"] = self._endpoint(self["metrics"], self._name("metrics"))
-        if self["demo"] and not isLocalOnly(self["endpoint"]):
+        if self["demo"] and not isLocalOnly(self["endpoint"], _spelledOut(self["port"])):
             raise usage.UsageError(
                 f"refusing to serve the demo users on {self['port']!r}, which is not "
                 "loopback-only: give --passwd FILE or --auth, or listen on 127.0.0.1"
@@ -604,18 +662,18 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
     def _endpoint(description: str, setting: str) -> IStreamServerEndpoint:
         from twisted.internet import reactor
 
-        if description.isdigit():
-            description = "tcp:" + description  # as twistd's old strports allowed
+        description = _spelledOut(description)
         try:
             endpoint = endpoints.serverFromString(reactor, description)
         except Exception as e:
             raise usage.UsageError(
                 f"bad {setting} {description!r}: {endpointError(description, e)}"
             ) from None
-        port = getattr(endpoint, "_port", None)
-        if isinstance(port, int) and not 0 <= port <= 65535:
+        listening = listeningAt(description)
+        if listening is not None and not 0 <= listening[0] <= 65535:
             raise usage.UsageError(
-                f"bad {setting} {description!r}: the port must be from 0 to 65535, not {port}"
+                f"bad {setting} {description!r}: the port must be from 0 to 65535, "
+                f"not {listening[0]}"
             )
         for complete in (withBacklog, withSocketMode):
             completed = complete(description)
@@ -704,6 +762,14 @@ class Options(CommandOptions, strcred.AuthOptionMixin):
             setting = self._name("passwd")
             text = str(e) if setting.startswith("--") else f"{setting}: {e}"
             raise usage.UsageError(text) from None
+
+
+def _spelledOut(description: str) -> str:
+    """
+    C{description} as an endpoint description: a port number alone is TCP's,
+    as twistd's old strports allowed.
+    """
+    return "tcp:" + description if description.isdigit() else description
 
 
 #: Examples for the kinds of endpoint a TCP example would mislead about.
@@ -822,7 +888,7 @@ def makeService(options: Options) -> PBRealmsService:
 
     server = TwistdService()
     # Started in this order, stopped in the reverse one (see PBRealmsService).
-    children = []
+    children: list[tuple[str, IService]] = []
     if options["metrics"] is not None:
         site = metricsSite(metrics, isServing=lambda: server.listening, sessions=registry.describe)
         where, option = options["metrics"], options._name("metrics")

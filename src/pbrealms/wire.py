@@ -15,9 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from typing import cast
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import jelly, pb
@@ -82,6 +89,14 @@ _PING = b"pbrealms.ping"
 _log = Logger()
 _NOTHING = object()
 _DOUBLE = struct.Struct("!d")
+
+
+class IBrokerTransport(ITCPTransport, IConsumer, IPushProducer):
+    """
+    What a L{LimitedBroker} uses of its transport: TCP's, or TLS's over TCP,
+    which also take a producer and pause and resume their reading (as
+    Twisted's L{twisted.internet.abstract.FileDescriptor} does).
+    """
 
 
 class WireError(Exception):
@@ -176,11 +191,12 @@ def _undecodable(what: str, error: Exception) -> Failure:
     return Failure(UndecodableAnswer(f"{what} that cannot be decoded ({name}: {detail})"))
 
 
-@implementer(IConnection)
+@implementer(IConnection, IPushProducer)
 class LimitedBroker(pb.Broker):
     """
     A client's connection (L{IConnection}): a PB broker that pings, drops and
-    closes its connection for the rest of the server, and whose decoder
+    closes its connection for the rest of the server, that is its transport's
+    producer (L{IPushProducer}, see L{connectionMade}), and whose decoder
     refuses a message larger than C{maxMessageBytes} or nested deeper than
     C{maxDepth}, before building anything from it.
 
@@ -229,6 +245,26 @@ class LimitedBroker(pb.Broker):
     _discarded = 0
     #: Whether drop() was called: the connection counts as gone at once.
     _dropped = False
+    transport: IBrokerTransport | None
+
+    @property
+    def _transport(self) -> IBrokerTransport:
+        """
+        The transport, for what runs once the connection is made: it is set
+        before C{connectionMade} and never unset, not even once it is lost.
+        """
+        assert self.transport is not None
+        return self.transport
+
+    @property
+    def _waiting(self) -> dict[int, defer.Deferred[object]] | None:
+        """
+        PB's calls that wait for an answer, by request id, from
+        C{connectionMade} until C{connectionLost} (L{None} outside).
+        """
+        # pb.Broker declares it None in its class and sets it in methods
+        # without annotations, so mypy sees only None.
+        return cast("dict[int, defer.Deferred[object]] | None", self.waitingForAnswers)
 
     def connectionMade(self) -> None:
         self._pending = bytearray()
@@ -247,7 +283,7 @@ class LimitedBroker(pb.Broker):
         # (more than its bufferSize, 64 KiB, beyond what the kernel holds),
         # and when it has drained: reading waits for that, and pushes that
         # need no answer skip.  TLS passes both on from the TCP transport.
-        self.transport.registerProducer(self, True)
+        self._transport.registerProducer(self, True)
         super().connectionMade()
 
     def pauseProducing(self) -> None:
@@ -293,14 +329,14 @@ class LimitedBroker(pb.Broker):
             return
         self._dropped = True
         self.ignoreInput()
-        self.transport.abortConnection()
+        self._transport.abortConnection()
 
     def _clock(self) -> IReactorTime:
         if self.clock is not None:
             return self.clock
         from twisted.internet import reactor
 
-        return reactor  # type: ignore[return-value]
+        return reactor
 
     def closeGracefully(self) -> None:
         """
@@ -313,8 +349,8 @@ class LimitedBroker(pb.Broker):
         self.ignoreInput()
         if self.disconnected:
             return  # aborted meanwhile (see dataReceived): TLS has no state left
-        self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        self._transport.unregisterProducer()
+        self._transport.loseConnection()
 
     def closeAfterAnswer(self) -> None:
         """
@@ -324,7 +360,7 @@ class LimitedBroker(pb.Broker):
         otherwise hold it for ever.
         """
         if self._abort is None and not self.disconnected:
-            self._abort = self._clock().callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
+            self._abort = self._clock().callLater(CLOSE_TIMEOUT, self._transport.abortConnection)
         self.closeGracefully()
 
     def registerPageProducer(self, pager) -> None:
@@ -340,7 +376,7 @@ class LimitedBroker(pb.Broker):
             # most the rest of one message, then the connection is aborted.
             self._discarded += len(chunk)
             if self._discarded > self.maxMessageBytes and not self.disconnected:
-                self.transport.abortConnection()
+                self._transport.abortConnection()
             return
         self._pending += chunk
         if self._next is None and not self.writeBlocked:
@@ -409,11 +445,11 @@ class LimitedBroker(pb.Broker):
         if read == self._paused:
             self._paused = not read
             if read:
-                self.transport.resumeProducing()
+                self._transport.resumeProducing()
             else:
-                self.transport.pauseProducing()
+                self._transport.pauseProducing()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.ignoreInput()
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
@@ -468,24 +504,31 @@ class LimitedBroker(pb.Broker):
     # or leaves what waits for an answer unfired.
 
     def proto_answer(self, requestID, netResult) -> None:
-        self._question(requestID, "an answer")
+        waiting = self._question(requestID, "an answer")
         self._checkReply(netResult)
-        waiting = self.waitingForAnswers.pop(requestID)
+        answered = waiting.pop(requestID)
         try:
             result = self.unserialize(netResult)
         except Exception as e:
-            waiting.errback(_undecodable("an answer", e))
+            answered.errback(_undecodable("an answer", e))
         else:
-            waiting.callback(result)
+            answered.callback(result)
 
     def proto_error(self, requestID, fail) -> None:
-        self._question(requestID, "an error")
+        waiting = self._question(requestID, "an error")
         self._checkReply(fail)
-        self.waitingForAnswers.pop(requestID).errback(self._receivedError(fail))
+        waiting.pop(requestID).errback(self._receivedError(fail))
 
-    def _question(self, requestID: object, what: str) -> None:
-        if type(requestID) is not int or requestID not in self.waitingForAnswers:
+    def _question(self, requestID: object, what: str) -> dict[int, defer.Deferred[object]]:
+        """
+        The calls waiting for an answer, if C{requestID} is one of them;
+        else raise L{WireError}.
+        """
+        waiting = self._waiting
+        # None only once the connection is lost, when nothing is decoded.
+        if waiting is None or type(requestID) is not int or requestID not in waiting:
             raise WireError(f"{what} to no question")
+        return waiting
 
     def _checkReply(self, expression: object) -> None:
         # Only a shape that PB never builds closes the connection; what a
@@ -512,7 +555,8 @@ class LimitedBroker(pb.Broker):
                 return _undecodable("an error", e)
             return Failure(UndecodableAnswer("an error that is not a failure"))
         try:
-            state = self.unserialize(fail[1])
+            # isFailure checked that it is [FAILURE, [b"dictionary", ...]].
+            state = self.unserialize(cast("list[object]", fail)[1])
         except Exception as e:
             return _undecodable("an error", e)
         reason = commands.receivedFailure(state)
@@ -560,10 +604,10 @@ class LimitedBroker(pb.Broker):
         been said): then it is only aborted.
         """
         if not self._silenced():
-            peer = describeAddress(self.transport.getPeer())
+            peer = describeAddress(self._transport.getPeer())
             _log.info("closed the connection from {peer}: {reason}", peer=peer, reason=reason)
         self.ignoreInput()
-        self.transport.abortConnection()
+        self._transport.abortConnection()
 
     def _silenced(self) -> bool:
         return self.quiet or self._refused
@@ -583,7 +627,7 @@ class LimitedBroker(pb.Broker):
             self.refuse(reason)
             return
         self.ignoreInput()
-        peer = describeAddress(self.transport.getPeer())
+        peer = describeAddress(self._transport.getPeer())
         _log.info("closed the connection from {peer}: {reason}", peer=peer, reason=reason)
         self._sendError(MessageTooLarge(self.maxMessageBytes), requestID)
         self.closeAfterAnswer()
@@ -607,6 +651,8 @@ class LimitedBroker(pb.Broker):
         listStack = self.listStack
         gotItem = self.gotItem
         prefixLimit, sizeLimit = self.prefixLimit, self.sizeLimit
+        # Banana's connectionMade sets it, before anything can arrive.
+        assert prefixLimit is not None
         maxBytes, maxDepth = self.maxMessageBytes, self.maxDepth
         messageBytes = self._messageBytes
         end = len(buf)

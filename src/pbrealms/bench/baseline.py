@@ -15,12 +15,13 @@ import argparse
 import re
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 from twisted.cred import checkers, portal
 from twisted.internet import reactor, task
+from twisted.internet.address import IPv4Address
 from twisted.spread import pb
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from pbrealms.options import versionText
 
@@ -92,8 +93,10 @@ class CachingRealm:
         self.avatars: dict[bytes, CachedAvatar] = {}
 
     def requestAvatar(
-        self, avatarId: bytes, mind: object, *interfaces: object
-    ) -> tuple[object, CachedAvatar, Callable[[], None]]:
+        self, avatarId: bytes | tuple[()], mind: object, *interfaces: type[Interface]
+    ) -> tuple[type[Interface], CachedAvatar, Callable[[], None]]:
+        # The checker's user names; () is for anonymous logins, which it has none of.
+        assert isinstance(avatarId, bytes)
         if avatarId not in self.avatars:
             self.avatars[avatarId] = CachedAvatar(avatarId.decode())
         return pb.IPerspective, self.avatars[avatarId], lambda: None
@@ -110,10 +113,14 @@ class ClockRealm:
         self.period = period
 
     def requestAvatar(
-        self, avatarId: bytes, mind: pb.RemoteReference, *interfaces: object
-    ) -> tuple[object, CachedAvatar, Callable[[], object]]:
+        self, avatarId: bytes | tuple[()], mind: object, *interfaces: type[Interface]
+    ) -> tuple[type[Interface], CachedAvatar, Callable[[], None]]:
+        assert isinstance(avatarId, bytes)  # as in CachingRealm
+        # The client's object: the clock workloads log in with one.
+        remote = cast(pb.RemoteReference, mind)
+
         def notify() -> None:
-            mind.callRemote("notifyTime", time.time()).addErrback(lambda _: None)
+            remote.callRemote("notifyTime", time.time()).addErrback(lambda _: None)
 
         ticker = task.LoopingCall(notify)
         ticker.start(self.period, now=True)
@@ -138,8 +145,12 @@ def main() -> None:
     checker.addUser(args.user.encode(), args.password.encode())
     realm = CachingRealm() if args.realm == "cache" else ClockRealm(args.period)
     factory = pb.PBServerFactory(portal.Portal(realm, [checker]))
-    port = reactor.listenTCP(args.port, factory, interface="127.0.0.1")
-    print(f"listening on 127.0.0.1:{port.getHost().port}", flush=True)
+    # Twisted types listenTCP's factory as making protocols with a typed
+    # factory attribute, which PB's Broker (factory = None) does not match.
+    port = reactor.listenTCP(args.port, factory, interface="127.0.0.1")  # type: ignore[arg-type]
+    address = port.getHost()
+    assert isinstance(address, IPv4Address)  # listenTCP on an IPv4 address
+    print(f"listening on 127.0.0.1:{address.port}", flush=True)
     reactor.run()
 
 

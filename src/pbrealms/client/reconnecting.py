@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IProtocol,
     IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
+    ITransport,
 )
 from twisted.python.failure import Failure
 from twisted.spread import pb
@@ -123,7 +125,9 @@ class ReconnectingSession:
         factor: float = 2.0,
         maxDelay: float = 30.0,
         jitter: Callable[[], float] = random.random,
-        connect: Callable[..., Awaitable[Connection]] = connect,
+        connect: Callable[
+            ..., defer.Deferred[Connection] | Coroutine[Any, Any, Connection]
+        ] = connect,
     ) -> None:
         """
         @param endpoint: a client endpoint, or its description.
@@ -146,7 +150,8 @@ class ReconnectingSession:
         @param maxDelay: the longest delay.
         @param jitter: returns a number from 0 to 1 for each delay: 0 waits
             half of it, 1 all of it.
-        @param connect: connects and logs in once, as L{connect} does.
+        @param connect: connects and logs in once, as L{connect} does: it
+            returns a L{Deferred} or a coroutine.
         """
         if not 0 < initialDelay <= maxDelay:
             raise ValueError("need 0 < initialDelay <= maxDelay")
@@ -245,15 +250,20 @@ class ReconnectingSession:
             held.append((outcome, call))
 
         result: defer.Deferred = defer.Deferred(cancel)
-        attempt = defer.maybeDeferred(
-            self._connect,
-            self.reactor,
-            self.endpoint,
-            self.user,
-            self._password,
-            self.mind,
-            self.timeout,
-            sendPassword=self._sendPassword,
+        # maybeDeferred waits for the Deferred or coroutine that connect
+        # returns; its overloads cannot tell which from the union.
+        attempt = cast(
+            "defer.Deferred[Connection]",
+            defer.maybeDeferred(
+                self._connect,
+                self.reactor,
+                self.endpoint,
+                self.user,
+                self._password,
+                self.mind,
+                self.timeout,
+                sendPassword=self._sendPassword,
+            ),
         )
         if attempt.called:
             # Answered at once, inside the service's state machine, which
@@ -277,8 +287,12 @@ class ReconnectingSession:
             return
         self.connection = conn
         self._failures = 0
-        loggedIn = factory.buildProtocol(None)
-        loggedIn.makeConnection(_ConnectionTransport(conn))
+        # No address: the login has no transport of its own, and neither the
+        # service's wrapper of the factory nor protocol.Factory reads it.
+        loggedIn = factory.buildProtocol(None)  # type: ignore[arg-type]
+        assert loggedIn is not None  # protocol.Factory always builds one
+        # ClientService calls only loseConnection of it (see the class).
+        loggedIn.makeConnection(cast(ITransport, _ConnectionTransport(conn)))
         result.callback(loggedIn)
         conn.notifyOnDisconnect(lambda: self._lost(conn, loggedIn))
         if self._onLogin is not None and conn.connected and conn is self.connection:
@@ -304,7 +318,7 @@ class ReconnectingSession:
         if not result.called:
             result.errback(reason)  # the service waits, or has stopped
 
-    def _lost(self, conn: Connection, loggedIn: protocol.Protocol) -> None:
+    def _lost(self, conn: Connection, loggedIn: IProtocol) -> None:
         if conn is self.connection:
             self.connection = None
             if self._hook is not None:

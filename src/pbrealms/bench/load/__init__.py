@@ -111,6 +111,7 @@ def generate(reactor: Any, options: LoadOptions) -> defer.Deferred[None]:
             finished.errback(SystemExit(EXIT_FAILED))
 
     def failed(reason: Failure) -> None:
+        assert reason.value is not None  # typed optional; a Failure always has one
         settle("error", describe(reason.value))
 
     def tell() -> None:

@@ -129,7 +129,9 @@ class Target:
         @return: the client, whose C{loggedIn} tells how the login went.
         """
         client = Client()
-        client.connector = reactor.connectTCP(
+        # Twisted types connectTCP's factory as making protocols with a typed
+        # factory attribute, which PB's Broker (factory = None) does not match.
+        client.connector = reactor.connectTCP(  # type: ignore[type-var]
             self.host, self.port, client, timeout=self.connectTimeout
         )
         credentials = UsernamePassword(user.encode(), password.encode())
@@ -153,6 +155,7 @@ class Target:
         while True:
             client = self.connect(user, password, mind)
             check = reactor.callLater(self.retryAfter, client.abandonUnlessServed)
+            assert client.loggedIn is not None  # connect set it
             try:
                 return await client.loggedIn
             except Exception:
@@ -188,7 +191,7 @@ class Logins:
         self.retries = 0
         self.firstError = ""
 
-    def failure(self, error: object) -> None:
+    def failure(self, error: BaseException) -> None:
         """
         Count a failed login; the first one is told on stderr.
         """
@@ -265,7 +268,7 @@ async def inParallel(
         for d in sorted(jobs, key=lambda d: d.called):
             d.cancel()
 
-    finished: defer.Deferred[object] = defer.Deferred(cancel)
+    finished: defer.Deferred[list[Any]] = defer.Deferred(cancel)
     defer.ensureDeferred(gather(jobs)).chainDeferred(finished)
     await finished
 

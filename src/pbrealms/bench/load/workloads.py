@@ -68,6 +68,7 @@ async def greet(options: Mapping[str, Any], target: Target, progress: Progress) 
     outstanding, on one session.
     """
     client = await target.login(options["user"], options["password"])
+    assert client.perspective is not None  # set by the login
     call = client.perspective.callRemote
     try:
         progress.begin("sequential greets", options["count"])
@@ -110,6 +111,7 @@ async def logins(options: Mapping[str, Any], target: Target, progress: Progress)
 
     async def cycle(i: int) -> None:
         client = await target.login(*credentials(i))
+        assert client.perspective is not None  # set by the login
         try:
             await client.perspective.callRemote("greet")
         finally:
@@ -146,7 +148,7 @@ async def storm(options: Mapping[str, Any], target: Target, progress: Progress) 
     progress.begin("storm logins", options["clients"])
     loginTimes = array("d")
     failures = Logins()
-    settled = defer.Deferred()
+    settled: defer.Deferred[None] = defer.Deferred()
 
     def done() -> None:
         progress.done += 1
@@ -160,6 +162,7 @@ async def storm(options: Mapping[str, Any], target: Target, progress: Progress) 
     def failed(reason: Failure) -> None:
         # After the timeout, closing the connections fails the rest.
         if not settled.called:
+            assert reason.value is not None  # typed optional; a Failure always has one
             failures.failure(reason.value)
             done()
 
@@ -168,6 +171,7 @@ async def storm(options: Mapping[str, Any], target: Target, progress: Progress) 
         target.connect(options["user"], options["password"]) for _ in range(options["clients"])
     ]
     for client in clients:
+        assert client.loggedIn is not None  # connect set it
         client.loggedIn.addCallbacks(ok, failed)
     timedOut = False
     try:
@@ -371,6 +375,7 @@ async def greetAndWait(
     Greet C{greetings} times, awaiting each answer, then wait for
     C{expected} deliveries or L{FANOUT_QUIET} seconds without one.
     """
+    assert greeter.perspective is not None  # set by the login
     for _ in range(greetings):
         await greeter.perspective.callRemote("greet")
     quietFrom = time.perf_counter()
