@@ -89,6 +89,9 @@ NOT_RUN = {
     INSTALL_TESTS + ".venv/bin/pytest": _TESTS,
     ".venv/bin/pytest                 # the tests": _TESTS,
     ".venv/bin/ruff check . && .venv/bin/ruff format --check .": "CI's lint session runs it",
+    ".venv/bin/mypy                   # the types (configured in pyproject.toml)": (
+        "CI's lint session runs it"
+    ),
     "bash .ci/run                     # what CI runs (below)": "CI itself",
     ".venv/bin/pbrealms-passwd /etc/pbrealms/users.passwd carol      # asks twice, without echo": (
         "asks on a terminal and writes to /etc (tests/test_bcrypt.py runs pbrealms-passwd)"
