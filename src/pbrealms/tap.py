@@ -26,13 +26,13 @@ from twisted.spread import jelly
 from pbrealms.checkers import (
     PasswordFile,
     PasswordFileError,
-    PasswordHasher,
     checkPermissions,
     parsePasswords,
 )
 from pbrealms.descriptors import DEFAULT_MAX_CONNECTIONS, fitConnections
 from pbrealms.errors import InvalidPeriod
 from pbrealms.guard import Network, SourcePenalties, parseNetworks
+from pbrealms.hasher import PasswordHasher
 from pbrealms.keepalive import Keepalive
 from pbrealms.login import LoginRoot
 from pbrealms.metrics import ServerMetrics, metricsSite
