@@ -35,7 +35,8 @@ from pbrealms.guard import Network, SourcePenalties, parseNetworks
 from pbrealms.hasher import PasswordHasher
 from pbrealms.keepalive import Keepalive
 from pbrealms.login import LoginRoot
-from pbrealms.metrics import ServerMetrics, metricsSite
+from pbrealms.metrics import ServerMetrics
+from pbrealms.metricsweb import metricsSite
 from pbrealms.options import BadValue, NamedCoercion, coerced
 from pbrealms.options import Options as CommandOptions
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
