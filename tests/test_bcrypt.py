@@ -246,7 +246,7 @@ async def test_a_password_longer_than_bcrypt_reads_is_just_wrong(hashedPasswd, l
 
 @pytest_twisted.ensureDeferred
 async def test_the_hash_queue_is_bounded():
-    from pbrealms.checkers import PasswordHasher
+    from pbrealms.hasher import PasswordHasher
 
     hasher = PasswordHasher(threads=1, maxPending=2)
     slow = hashed(b"pw", rounds=10).encode()

@@ -22,11 +22,12 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
-from pbrealms.checkers import PasswordFile, PasswordHasher, UsernamePasswordFrom, shareOf
+from pbrealms.checkers import PasswordFile, UsernamePasswordFrom
 from pbrealms.client import ReconnectingSession, connect, retryable
 from pbrealms.client.cli import EXIT_BUSY, explain
 from pbrealms.errors import LoginRefused, ServerBusy, ShuttingDown, localize
 from pbrealms.guard import SourcePenalties
+from pbrealms.hasher import PasswordHasher, shareOf
 from pbrealms.metrics import OUTCOMES
 
 #: Logins the victim tries during the attack; more for a longer attack.

@@ -22,9 +22,9 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
-from pbrealms.checkers import PasswordHasher
 from pbrealms.client import ClientMind, connect
 from pbrealms.errors import ShuttingDown
+from pbrealms.hasher import PasswordHasher
 from pbrealms.tap import Options, makeService
 
 TWISTD = str(Path(sys.executable).parent / "twistd")

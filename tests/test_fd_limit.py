@@ -384,7 +384,7 @@ def test_at_the_cap_few_newcomers_take_a_place_per_turn(passwd):
 
 def test_the_reserve_holds_the_metrics_port():
     from pbrealms import descriptors
-    from pbrealms.metrics import MAX_HTTP_CONNECTIONS
+    from pbrealms.metricssite import MAX_HTTP_CONNECTIONS
 
     assert (descriptors.DESCRIPTOR_RESERVE, descriptors.MAKING_ROOM) == (
         DESCRIPTOR_RESERVE,

@@ -274,9 +274,9 @@ async def test_one_address_cannot_hold_more_than_4(running, reactor, log):
     mine[0].close()
     await eventually(reactor, lambda: len(running.site.channels) == 3)
     assert [closedByServer(s) for s in await running.held(1, "127.0.0.2")] == [False]
-    from pbrealms import metrics
+    from pbrealms import metricssite
 
-    assert metrics.MAX_HTTP_CONNECTIONS_PER_SOURCE == 4  # what the README states
+    assert metricssite.MAX_HTTP_CONNECTIONS_PER_SOURCE == 4  # what the README states
 
 
 @pytest_twisted.ensureDeferred
@@ -288,9 +288,9 @@ async def test_healthz_answers_with_32_connections_held_by_8_addresses(running):
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     # In the place of the oldest idle connection of an address that holds 4.
     assert [s for each in held for s in each if closedByServer(s)] == [held[0][0]]
-    from pbrealms import metrics
+    from pbrealms import metricssite
 
-    assert metrics.MAX_HTTP_CONNECTIONS == 32  # what the README states
+    assert metricssite.MAX_HTTP_CONNECTIONS == 32  # what the README states
 
 
 @pytest_twisted.ensureDeferred

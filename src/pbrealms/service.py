@@ -21,8 +21,8 @@ from twisted.spread import pb
 from zope.interface import implementer
 
 from pbrealms.addresses import describeAddress, sourceOf
-from pbrealms.checkers import PasswordHasher
 from pbrealms.descriptors import MAKING_ROOM
+from pbrealms.hasher import PasswordHasher
 from pbrealms.login import LoginRoot
 from pbrealms.notify import notify
 from pbrealms.sessions import SessionRegistry

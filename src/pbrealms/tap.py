@@ -29,16 +29,17 @@ from twisted.spread import jelly
 from pbrealms.checkers import (
     PasswordFile,
     PasswordFileError,
-    PasswordHasher,
     checkPermissions,
     parsePasswords,
 )
 from pbrealms.descriptors import DEFAULT_MAX_CONNECTIONS, fitConnections
 from pbrealms.errors import InvalidPeriod
 from pbrealms.guard import Network, SourcePenalties, parseNetworks
+from pbrealms.hasher import PasswordHasher
 from pbrealms.keepalive import Keepalive
 from pbrealms.login import LoginRoot
-from pbrealms.metrics import ServerMetrics, metricsSite
+from pbrealms.metrics import ServerMetrics
+from pbrealms.metricsweb import metricsSite
 from pbrealms.options import BadValue, coerced, rowCoercion
 from pbrealms.options import Options as CommandOptions
 from pbrealms.push import MAX_PERIOD, MIN_PERIOD, validatePeriod
