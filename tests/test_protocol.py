@@ -5,14 +5,21 @@ L{ClientReference} owns how the server delivers it, with its bounds.
 
 from __future__ import annotations
 
+import pytest_twisted
+from twisted.cred.portal import IRealm
 from twisted.internet import defer
 from twisted.spread import pb
+from zope.interface import implementer
 from zope.interface.verify import verifyClass, verifyObject
 
+from pbrealms.checkers import PasswordFile
 from pbrealms.client.mind import ClientMind
+from pbrealms.login import LoginRoot
 from pbrealms.metrics import ServerMetrics
-from pbrealms.protocol import IClient
+from pbrealms.protocol import IClient, ISessionRealm
 from pbrealms.push import MAX_UNANSWERED, ClientReference
+from pbrealms.realms import REALMS
+from pbrealms.sessions import SessionRegistry
 
 
 class Broker:
@@ -128,3 +135,66 @@ def test_a_client_found_gone_is_reported_once_per_push_and_nothing_raises():
     assert results == [False]
     assert client.unanswered == 0
     assert sent(metrics, "failed") == 2
+
+
+def test_a_mind_that_is_not_a_reference_fails_as_an_error_answer(log):
+    client, metrics = reference("not a reference")  # type: ignore[arg-type]
+    client.notifyGreeting("hi")
+    assert client.unanswered == 0
+    results: list[bool] = []
+    client.notifyShutdown("bye").addCallback(results.append)
+    client.notifyKicked("replaced").addCallback(results.append)
+    assert results == [False, False]
+    assert client.notifyTime(1.0) is False
+    assert (sent(metrics, "failed"), sent(metrics, "skipped")) == (3, 1)
+    # Logged (a str cannot be remembered as a reference is), and no error.
+    assert [m for m in log.messages() if "answered" in m]
+    assert not log.errors()
+
+
+def test_a_subclass_of_the_client_mind_may_override_either_name():
+    heard = []
+
+    class Mind(ClientMind):
+        def notifyKicked(self, reason: str) -> None:
+            heard.append(("notifyKicked", reason))
+            super().notifyKicked(reason)
+
+        def remote_notifyGreeting(self, text: str) -> None:
+            heard.append(("remote_notifyGreeting", text))
+            super().remote_notifyGreeting(text)
+
+    mind = Mind(onKicked=lambda r: heard.append(("onKicked", r)), onGreeting=heard.append)
+    mind.remote_notifyKicked("replaced")
+    mind.remote_notifyGreeting("hi")
+    assert heard == [
+        ("notifyKicked", "replaced"),
+        ("onKicked", "replaced"),
+        ("remote_notifyGreeting", "hi"),
+        "hi",
+    ]
+
+
+@implementer(IRealm)
+class PlainRealm:
+    """
+    A realm written to Twisted's rules: it pushes with C{mind.callRemote}.
+    """
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        mind.callRemote("notifyTime", 12.5).addErrback(lambda _: None)
+        return pb.IPerspective, pb.Avatar(), lambda: None
+
+
+@pytest_twisted.ensureDeferred
+async def test_any_other_realm_gets_what_the_client_passed_as_under_a_portal(harness, reactor):
+    registry = SessionRegistry(reactor)
+    root = LoginRoot(PasswordFile(str(harness.passwd)), PlainRealm(), registry)
+    served = await harness.serve(root=root)
+    pushed: defer.Deferred[float] = defer.Deferred()
+    await served.login("alice", mind=ClientMind(onTime=pushed.callback))
+    assert await pushed.addTimeout(5, reactor) == 12.5
+    (session,) = registry.sessionsOf("alice")
+    assert isinstance(session.mind, pb.RemoteReference)
+    assert not ISessionRealm.providedBy(root.realm)
+    assert ISessionRealm.providedBy(REALMS["cache"].realm(registry, reactor))

@@ -51,6 +51,7 @@ from pbrealms.errors import (
     printable,
 )
 from pbrealms.guard import SourcePenalties
+from pbrealms.protocol import ISessionRealm
 from pbrealms.sessions import ConnectionGone, Session, SessionRegistry
 
 _log = Logger()
@@ -486,10 +487,13 @@ class _Login:
         return d.addCallback(self._requestAvatar, user)
 
     def _requestAvatar(self, session: Session, user: str) -> defer.Deferred:
-        # The realm gets the session's client, which owns every push.  (Twisted
-        # types avatar ids as bytes; ours are user names as text.)
-        requestAvatar: Any = self.root.realm.requestAvatar
-        d = defer.maybeDeferred(requestAvatar, user, session.client, pb.IPerspective)
+        # A realm of ours gets the session's client, which owns every push;
+        # any other what the client passed.  (Twisted types avatar ids as
+        # bytes; ours are user names as text.)
+        realm = self.root.realm
+        mind = session.client if ISessionRealm.providedBy(realm) else session.mind
+        requestAvatar: Any = realm.requestAvatar
+        d = defer.maybeDeferred(requestAvatar, user, mind, pb.IPerspective)
         d.addCallbacks(
             self._attach, self._realmFailed, callbackArgs=(session,), errbackArgs=(session,)
         )

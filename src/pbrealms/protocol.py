@@ -11,6 +11,7 @@ them with C{remote_} methods.
 
 from __future__ import annotations
 
+from twisted.cred.portal import IRealm
 from zope.interface import Interface
 
 
@@ -54,3 +55,12 @@ class IClient(Interface):
         The server is shutting down; the connection closes after a grace
         period.
         """
+
+
+class ISessionRealm(IRealm):
+    """
+    A realm that pushes through the server's L{IClient} of each session: its
+    C{requestAvatar} is given the session's client as its mind (or L{None}),
+    not the PB reference the client passed.  Any other realm gets that
+    reference, as under Twisted's own portal.
+    """

@@ -5,9 +5,11 @@ mind, and the clock's periodic push.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -67,7 +69,13 @@ def push(
         needs no log line: its session ends through the disconnect.  A client
         that answers with an error is logged once, not on every push.
     """
-    d = defer.maybeDeferred(mind.callRemote, method, *args)
+    # A client may pass anything as its mind: one that is not a reference
+    # fails as an error answer would, and raises nothing here.
+    callRemote = getattr(mind, "callRemote", None)
+    if callRemote is None:
+        d: defer.Deferred[Any] = defer.fail(TypeError("the client's mind is not a reference"))
+    else:
+        d = defer.maybeDeferred(callRemote, method, *args)
     d.addCallbacks(lambda _: True, _pushFailed, errbackArgs=(mind, method, quiet, onGone))
     return d
 
@@ -85,7 +93,10 @@ def _pushFailed(
     if gone and onGone is not None:
         onGone()
     if not (gone or quiet or _complained.get(id(mind)) is mind):
-        _complained[id(mind)] = mind
+        # Only a reference reaches here from a client (see the login code);
+        # anything else a caller passed may not take a weak reference.
+        with contextlib.suppress(TypeError):
+            _complained[id(mind)] = mind
         _log.warn(
             "client answered {method} with an error, and is not logged again: {error}",
             method=method,

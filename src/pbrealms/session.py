@@ -16,7 +16,8 @@ from pbrealms.connection import IConnection
 from pbrealms.metrics import ServerMetrics
 from pbrealms.push import ClientReference
 
-_log = Logger()
+# As before Session had a module of its own (log queries select on it).
+_log = Logger(namespace="pbrealms.sessions.SessionRegistry")
 
 
 class SessionObserver(Protocol):

@@ -24,7 +24,9 @@ class SessionLog:
     refused login, which the login code logs.
     """
 
-    _log = Logger()
+    # The namespace the lines had before this observer was split off, which
+    # log queries select on.
+    _log = Logger(namespace="pbrealms.sessions.SessionRegistry")
 
     def __init__(
         self, realm: str, count: Callable[[], float], metrics: ServerMetrics, clock: IReactorTime

@@ -35,7 +35,7 @@ _sessionId = attrgetter("id")
 MAX_WAITING_PER_USER = 16
 
 
-_log = Logger()
+_log = Logger(namespace="pbrealms.sessions.SessionRegistry")
 
 
 class SessionRegistry:

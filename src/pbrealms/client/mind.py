@@ -112,10 +112,22 @@ class ClientMind(pb.Referenceable):
             self._kicked[self._pushedOn] = reason
         self.onKicked(reason)
 
-    # What PB calls: the pushes IClient declares, by their names on the wire.
-    remote_notifyTime = notifyTime
-    remote_notifyShutdown = notifyShutdown
-    remote_notifyGreeting = notifyGreeting
-    remote_notifySessionOpened = notifySessionOpened
-    remote_notifySessionClosed = notifySessionClosed
-    remote_notifyKicked = notifyKicked
+    # What PB calls: each push IClient declares, by its name on the wire.  A
+    # subclass may override either name.
+    def remote_notifyTime(self, seconds: float) -> None:
+        self.notifyTime(seconds)
+
+    def remote_notifyShutdown(self, reason: str) -> None:
+        self.notifyShutdown(reason)
+
+    def remote_notifyGreeting(self, text: str) -> None:
+        self.notifyGreeting(text)
+
+    def remote_notifySessionOpened(self, info: dict) -> None:
+        self.notifySessionOpened(info)
+
+    def remote_notifySessionClosed(self, info: dict) -> None:
+        self.notifySessionClosed(info)
+
+    def remote_notifyKicked(self, reason: str) -> None:
+        self.notifyKicked(reason)

@@ -4,20 +4,28 @@ module each, holding its realm, its avatar and the L{Strategy} it declares.
 Adding one is a module and a line below.
 """
 
-from pbrealms.realms import cache, clock, limited, sessions, shared_state, tracking
+from importlib import import_module
+
 from pbrealms.realms.base import Realm, Strategy
 
-#: Every strategy by the name C{--realm} takes, in the order C{--help} lists them.
-REALMS: dict[str, Strategy] = {
-    strategy.name: strategy
-    for strategy in (
-        cache.STRATEGY,
-        shared_state.STRATEGY,
-        tracking.STRATEGY,
-        limited.STRATEGY,
-        clock.STRATEGY,
-        sessions.STRATEGY,
-    )
-}
+#: The strategies' modules, in the order C{--help} lists them.
+MODULES = (
+    "cache",
+    "shared_state",
+    "tracking",
+    "limited",
+    "clock",
+    "sessions",
+)
+
+
+def _strategy(module: str) -> Strategy:
+    strategy = import_module(f"{__name__}.{module}").STRATEGY
+    assert isinstance(strategy, Strategy), module
+    return strategy
+
+
+#: Every strategy by the name C{--realm} takes.
+REALMS: dict[str, Strategy] = {s.name: s for s in map(_strategy, MODULES)}
 
 __all__ = ["REALMS", "Realm", "Strategy"]

@@ -13,12 +13,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.cred.portal import IRealm
 from twisted.internet.interfaces import IReactorTime
 from twisted.spread import pb
 from zope.interface import implementer
 
 from pbrealms.errors import dispatch
+from pbrealms.protocol import ISessionRealm
 from pbrealms.push import ClientReference
 from pbrealms.sessions import Session, SessionRegistry
 
@@ -86,7 +86,7 @@ def _nothing() -> None:
     pass
 
 
-@implementer(IRealm)
+@implementer(ISessionRealm)
 class Realm:
     """
     The common part: a cached L{Greeter} per user, so that greetings count

@@ -14,14 +14,14 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 
 from pbrealms.errors import dispatch
-from pbrealms.push import ClientReference
+from pbrealms.protocol import IClient
 from pbrealms.realms.base import Avatar, Describe, Greeter, Strategy
 from pbrealms.realms.limited import LimitedRealm
 from pbrealms.sessions import Session, SessionRegistry
 
 #: Pushes to the other sessions of a session's user: called with the
-#: session, a L{ClientReference} method (unbound) and its arguments.
-TellOthers = Callable[..., None]
+#: session and what to call on each other session's L{IClient}.
+TellOthers = Callable[[Session, Callable[[IClient], object]], None]
 
 
 class SessionsAvatar(Avatar):
@@ -40,9 +40,8 @@ class SessionsAvatar(Avatar):
     ) -> None:
         """
         @param sessions: the user's current sessions, oldest first.
-        @param tellOthers: called with a session, a L{ClientReference}
-            method and its arguments, pushes them to the user's other
-            sessions.
+        @param tellOthers: called with a session and a push (a function of
+            an L{IClient}), makes it to the user's other sessions.
         """
         super().__init__(greeter, describe)
         self.sessions = sessions
@@ -60,7 +59,7 @@ class SessionsAvatar(Avatar):
         other sessions.
         """
         text = self.greeter.greet()
-        self.tellOthers(caller, ClientReference.notifyGreeting, text)
+        self.tellOthers(caller, lambda client: client.notifyGreeting(text))
         return text
 
     def perspective_status(self, caller: Session) -> dict[str, Any]:  # type: ignore[override]
@@ -98,15 +97,16 @@ class SessionsRealm(LimitedRealm):
         return [s for s in self.registry.sessionsOf(user) if s.active]
 
     def sessionOpened(self, session: Session) -> None:
-        self.tellOthers(session, ClientReference.notifySessionOpened, session.info())
+        info = session.info()
+        self.tellOthers(session, lambda client: client.notifySessionOpened(info))
 
     def sessionClosed(self, session: Session, reason: str) -> None:
         info = {**session.info(), "reason": reason}
-        self.tellOthers(session, ClientReference.notifySessionClosed, info)
+        self.tellOthers(session, lambda client: client.notifySessionClosed(info))
 
-    def tellOthers(self, session: Session, method: Callable[..., object], *args: object) -> None:
+    def tellOthers(self, session: Session, push: Callable[[IClient], object]) -> None:
         """
-        Call C{method(client, *args)} on the client of every other logged-in
+        Call C{push(client)} with the client of every other logged-in
         session of C{session}'s user that has a mind; each client bounds what
         it holds (see L{ClientReference}).  Nothing is pushed while the
         server shuts down: every session ends.
@@ -115,7 +115,7 @@ class SessionsRealm(LimitedRealm):
             return
         for other in self.registry.sessionsOf(session.user):
             if other is not session and other.active and other.client is not None:
-                method(other.client, *args)
+                push(other.client)
 
 
 STRATEGY = Strategy(
