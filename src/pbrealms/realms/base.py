@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.spread import pb
 from zope.interface import implementer
@@ -21,25 +22,49 @@ from pbrealms.errors import dispatch
 from pbrealms.protocol import ISessionRealm
 from pbrealms.push import ClientReference
 from pbrealms.sessions import Session, SessionRegistry
+from pbrealms.store import IUserState, MemoryUserState
 
-#: What C{status} answers about a user.
-Describe = Callable[[str], dict[str, Any]]
+#: What C{status} answers about a user, when the store has answered.
+Describe = Callable[[str], defer.Deferred[dict[str, Any]]]
+
+#: The counter of a user's greetings in the L{IUserState} store.
+GREETINGS = "greetings"
+
+
+def extended(status: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """
+    C{status} with C{more}: what a realm adds to its base's C{status}, once
+    that has answered.
+    """
+    return {**status, **more}
 
 
 class Greeter:
     """
-    A user's persistent state: how many greetings the user has had.
+    A user's persistent state, in the realm's L{IUserState} store: how many
+    greetings the user has had.
     """
 
-    __slots__ = ("greetings", "user")
+    __slots__ = ("state", "user")
 
-    def __init__(self, user: str) -> None:
+    def __init__(self, user: str, state: IUserState) -> None:
         self.user = user
-        self.greetings = 0
+        self.state = state
 
-    def greet(self) -> str:
-        self.greetings += 1
-        return f"<{self.greetings}>hello {self.user}"
+    def greet(self) -> defer.Deferred[str]:
+        """
+        Count a greeting.
+
+        @return: a L{Deferred} firing with C{"<N>hello USER"}, N being the
+            user's greetings so far, this one included.
+        """
+        return self.state.increment(self.user, GREETINGS).addCallback(self._text)
+
+    def _text(self, greetings: int) -> str:
+        return f"<{greetings}>hello {self.user}"
+
+    def greetings(self) -> defer.Deferred[int]:
+        return self.state.read(self.user, GREETINGS)
 
 
 class Avatar(pb.Avatar):
@@ -68,13 +93,13 @@ class Avatar(pb.Avatar):
         """
         return self.perspectiveMessageReceived(broker, message, args, kw)
 
-    def perspective_greet(self) -> str:
+    def perspective_greet(self) -> defer.Deferred[str]:
         """
         @return: C{"<N>hello USER"}, N being the user's greetings so far.
         """
         return self.greeter.greet()
 
-    def perspective_status(self) -> dict[str, Any]:
+    def perspective_status(self) -> defer.Deferred[dict[str, Any]]:
         """
         @return: the realm's name, the user, the user's greetings, and what
             else the realm tracks.
@@ -89,18 +114,24 @@ def _nothing() -> None:
 @implementer(ISessionRealm)
 class Realm:
     """
-    The common part: a cached L{Greeter} per user, so that greetings count
-    across every session of a user for the life of the process.
+    The common part: a L{Greeter} per user over the realm's store of per-user
+    state, so that greetings count across every session of a user (for the
+    life of the process, with the in-memory store).
 
     @cvar name: the name chosen with C{--realm}.
     """
 
     name = ""
 
-    def __init__(self, registry: SessionRegistry, clock: IReactorTime) -> None:
+    def __init__(
+        self, registry: SessionRegistry, clock: IReactorTime, state: IUserState | None = None
+    ) -> None:
+        """
+        @param state: where per-user state is kept; in memory by default.
+        """
         self.registry = registry
         self.clock = clock
-        self._greeters: dict[str, Greeter] = {}
+        self.state: IUserState = state if state is not None else MemoryUserState()
 
     @classmethod
     def build(
@@ -113,10 +144,7 @@ class Realm:
         return cls(registry, clock)
 
     def greeter(self, user: str) -> Greeter:
-        greeter = self._greeters.get(user)
-        if greeter is None:
-            greeter = self._greeters[user] = Greeter(user)
-        return greeter
+        return Greeter(user, self.state)
 
     # Twisted types avatar ids as bytes and minds as anything; ours are user
     # names as text, and the session's client.
@@ -135,11 +163,12 @@ class Realm:
     def avatarFor(self, user: str, client: ClientReference | None) -> Avatar:
         raise NotImplementedError
 
-    def describe(self, user: str) -> dict[str, Any]:
+    def describe(self, user: str) -> defer.Deferred[dict[str, Any]]:
         """
         What C{status} answers about C{user}.
         """
-        return {"realm": self.name, "user": user, "greetings": self.greeter(user).greetings}
+        d = self.greeter(user).greetings()
+        return d.addCallback(lambda n: {"realm": self.name, "user": user, "greetings": n})
 
 
 @dataclass(frozen=True)

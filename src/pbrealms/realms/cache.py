@@ -10,6 +10,7 @@ from twisted.internet.interfaces import IReactorTime
 from pbrealms.push import ClientReference
 from pbrealms.realms.base import Avatar, Realm, Strategy
 from pbrealms.sessions import SessionRegistry
+from pbrealms.store import IUserState
 
 
 class CacheRealm(Realm):
@@ -19,8 +20,10 @@ class CacheRealm(Realm):
 
     name = "cache"
 
-    def __init__(self, registry: SessionRegistry, clock: IReactorTime) -> None:
-        super().__init__(registry, clock)
+    def __init__(
+        self, registry: SessionRegistry, clock: IReactorTime, state: IUserState | None = None
+    ) -> None:
+        super().__init__(registry, clock, state)
         self._avatars: dict[str, Avatar] = {}
 
     def avatarFor(self, user: str, client: ClientReference | None) -> Avatar:

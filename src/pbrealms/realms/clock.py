@@ -12,13 +12,15 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from pbrealms.errors import MindRequired
 from pbrealms.push import ClientReference, PeriodicPush, PushScheduler, validatePeriod
-from pbrealms.realms.base import Avatar, Describe, Greeter, Realm, Strategy
+from pbrealms.realms.base import Avatar, Describe, Greeter, Realm, Strategy, extended
 from pbrealms.realms.shared_state import SessionAvatar
 from pbrealms.sessions import SessionRegistry
+from pbrealms.store import IUserState
 
 
 class ClockAvatar(SessionAvatar):
@@ -42,8 +44,8 @@ class ClockAvatar(SessionAvatar):
         self.ticker.setPeriod(period)
         return period
 
-    def perspective_status(self) -> dict[str, Any]:
-        return {**super().perspective_status(), "period": self.ticker.period}
+    def perspective_status(self) -> defer.Deferred[dict[str, Any]]:
+        return super().perspective_status().addCallback(extended, period=self.ticker.period)
 
     def logout(self) -> None:
         self.ticker.stop()
@@ -56,8 +58,14 @@ class ClockRealm(Realm):
 
     name = "clock"
 
-    def __init__(self, registry: SessionRegistry, clock: IReactorTime, period: float) -> None:
-        super().__init__(registry, clock)
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        clock: IReactorTime,
+        period: float,
+        state: IUserState | None = None,
+    ) -> None:
+        super().__init__(registry, clock, state)
         self.period = period
         self.scheduler = PushScheduler(clock, registry.metrics.pushLateness.observe)
 

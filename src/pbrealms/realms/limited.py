@@ -7,15 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pbrealms.realms.base import Strategy
+from twisted.internet import defer
+
+from pbrealms.realms.base import Strategy, extended
 from pbrealms.realms.tracking import TrackingRealm
 
 
 class LimitedRealm(TrackingRealm):
     name = "limited"
 
-    def describe(self, user: str) -> dict[str, Any]:
-        return {**super().describe(user), "max": self.registry.maxPerUser}
+    def describe(self, user: str) -> defer.Deferred[dict[str, Any]]:
+        return super().describe(user).addCallback(extended, max=self.registry.maxPerUser)
 
 
 STRATEGY = Strategy(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from pbrealms.errors import dispatch
@@ -18,6 +19,7 @@ from pbrealms.protocol import IClient
 from pbrealms.realms.base import Avatar, Describe, Greeter, Strategy
 from pbrealms.realms.limited import LimitedRealm
 from pbrealms.sessions import Session, SessionRegistry
+from pbrealms.store import IUserState
 
 #: Pushes to the other sessions of a session's user: called with the
 #: session and what to call on each other session's L{IClient}.
@@ -53,16 +55,20 @@ class SessionsAvatar(Avatar):
 
     # Called with the caller bound first (see sessionMessageReceived): the
     # remote signature is the base's, without it.
-    def perspective_greet(self, caller: Session) -> str:  # type: ignore[override]
+    def perspective_greet(self, caller: Session) -> defer.Deferred[str]:  # type: ignore[override]
         """
         Greet, as in C{cache}, and push C{notifyGreeting(text)} to the user's
         other sessions.
         """
-        text = self.greeter.greet()
+        return self.greeter.greet().addCallback(self._told, caller)
+
+    def _told(self, text: str, caller: Session) -> str:
         self.tellOthers(caller, lambda client: client.notifyGreeting(text))
         return text
 
-    def perspective_status(self, caller: Session) -> dict[str, Any]:  # type: ignore[override]
+    def perspective_status(  # type: ignore[override]
+        self, caller: Session
+    ) -> defer.Deferred[dict[str, Any]]:
         return self.describe(self.greeter.user)
 
     def perspective_sessions(self, caller: Session) -> list[dict[str, Any]]:
@@ -81,8 +87,10 @@ class SessionsAvatar(Avatar):
 class SessionsRealm(LimitedRealm):
     name = "sessions"
 
-    def __init__(self, registry: SessionRegistry, clock: IReactorTime) -> None:
-        super().__init__(registry, clock)
+    def __init__(
+        self, registry: SessionRegistry, clock: IReactorTime, state: IUserState | None = None
+    ) -> None:
+        super().__init__(registry, clock, state)
         registry.observe(self)
 
     def makeAvatar(self, user: str) -> Avatar:

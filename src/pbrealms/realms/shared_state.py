@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import defer
+
 from pbrealms.push import ClientReference
-from pbrealms.realms.base import Avatar, Describe, Greeter, Realm, Strategy
+from pbrealms.realms.base import Avatar, Describe, Greeter, Realm, Strategy, extended
 
 
 class SessionAvatar(Avatar):
@@ -21,12 +23,13 @@ class SessionAvatar(Avatar):
         super().__init__(greeter, describe)
         self.sessionGreetings = 0
 
-    def perspective_greet(self) -> str:
+    def perspective_greet(self) -> defer.Deferred[str]:
         self.sessionGreetings += 1
         return super().perspective_greet()
 
-    def perspective_status(self) -> dict[str, Any]:
-        return {**super().perspective_status(), "session_greetings": self.sessionGreetings}
+    def perspective_status(self) -> defer.Deferred[dict[str, Any]]:
+        greetings = self.sessionGreetings
+        return super().perspective_status().addCallback(extended, session_greetings=greetings)
 
 
 class SharedStateRealm(Realm):

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pbrealms.realms.base import Strategy
+from twisted.internet import defer
+
+from pbrealms.realms.base import Strategy, extended
 from pbrealms.realms.cache import CacheRealm
 
 
 class TrackingRealm(CacheRealm):
     name = "tracking"
 
-    def describe(self, user: str) -> dict[str, Any]:
-        return {**super().describe(user), "sessions": self.registry.countOf(user)}
+    def describe(self, user: str) -> defer.Deferred[dict[str, Any]]:
+        return super().describe(user).addCallback(extended, sessions=self.registry.countOf(user))
 
 
 STRATEGY = Strategy(TrackingRealm, "cache, and status tells the user's open sessions")
