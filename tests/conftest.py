@@ -25,8 +25,8 @@ from pbrealms.client import Connection, connect
 from pbrealms.login import LoginRoot
 from pbrealms.realms import REALMS, Realm
 from pbrealms.service import PBServerFactory
+from pbrealms.servicetree import wireSecurity
 from pbrealms.sessions import SessionRegistry
-from pbrealms.tap import wireSecurity
 
 USERS = {"alice": "wonderland", "bob": "builder"}
 

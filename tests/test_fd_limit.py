@@ -340,8 +340,8 @@ def test_at_the_cap_few_newcomers_take_a_place_per_turn(passwd):
     from pbrealms.login import LoginRoot
     from pbrealms.realms import REALMS
     from pbrealms.service import PBServerFactory
+    from pbrealms.servicetree import wireSecurity
     from pbrealms.sessions import SessionRegistry
-    from pbrealms.tap import wireSecurity
 
     clock = Clock()
     registry = SessionRegistry(clock, realm="cache")

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from zope.interface import implementer
 
 from pbrealms.service import Listener, ListenFailed
-from pbrealms.tap import TwistdService
+from pbrealms.servicetree import TwistdService
 
 
 def heldPort() -> tuple[socket.socket, int]:

@@ -23,7 +23,8 @@ import twisted
 from pbrealms.checkers import PasswordFile
 from pbrealms.login import LoginRoot
 from pbrealms.realms import REALMS
-from pbrealms.tap import TCP_BACKLOG, Options, makeService, withBacklog, withSocketMode
+from pbrealms.serverendpoints import TCP_BACKLOG, withBacklog, withSocketMode
+from pbrealms.tap import Options, makeService
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 PREFIX = "twistd pbrealms: error: "

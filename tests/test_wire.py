@@ -396,7 +396,7 @@ async def test_a_flood_does_not_starve_a_canary(harness, reactor):
 
 def test_the_factory_sets_each_brokers_limits(harness, log):
     from pbrealms.service import PBServerFactory
-    from pbrealms.tap import wireSecurity
+    from pbrealms.servicetree import wireSecurity
 
     factory = PBServerFactory(
         harness.makeRoot("cache"), wireSecurity(), maxMessageBytes=1000, maxDepth=3
@@ -425,7 +425,7 @@ def test_the_factory_sets_each_brokers_limits(harness, log):
 )  # fmt: skip
 def test_pb_messages_that_would_log_tracebacks_close_the_connection(harness, log, stream, reason):
     from pbrealms.service import PBServerFactory
-    from pbrealms.tap import wireSecurity
+    from pbrealms.servicetree import wireSecurity
 
     broker = PBServerFactory(harness.makeRoot("cache"), wireSecurity()).buildProtocol(PEER)
     transport = StringTransport(peerAddress=PEER)
@@ -441,7 +441,7 @@ def test_pb_messages_that_would_log_tracebacks_close_the_connection(harness, log
 
 def test_did_not_understand_is_not_logged(harness, log):
     from pbrealms.service import PBServerFactory
-    from pbrealms.tap import wireSecurity
+    from pbrealms.servicetree import wireSecurity
 
     broker = PBServerFactory(harness.makeRoot("cache"), wireSecurity()).buildProtocol(PEER)
     transport = StringTransport(peerAddress=PEER)

@@ -118,8 +118,8 @@ class Listener(internet.StreamServerEndpointService):
 
     A failure to listen at once raises L{ListenFailed} from
     L{privilegedStartService} (twistd's start then stops with its one line,
-    see L{pbrealms.tap}), instead of running without a port.  A failure
-    later is logged in one line.
+    see L{pbrealms.servicetree.TwistdService}), instead of running without
+    a port.  A failure later is logged in one line.
 
     @ivar port: the listening port, from when it listens until the stop.
     @ivar label: what listens, for the log line.
