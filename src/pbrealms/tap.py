@@ -52,8 +52,9 @@ from pbrealms.service import (
     PBServerFactory,
 )
 from pbrealms.sessions import SessionRegistry
+from pbrealms.unfinished import MAX_UNFINISHED_BYTES
 from pbrealms.whenfull import REFUSE, WHEN_FULL
-from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES, MAX_UNFINISHED_BYTES
+from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES
 
 DEFAULT_PORT = "tcp:8787:interface=127.0.0.1"
 DEFAULT_PERIOD = 1.0
