@@ -23,7 +23,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.spread import banana
 
-from pbrealms.wire import _SLOT, _STRING_BASE, MAX_MESSAGE_BYTES, LimitedBroker
+from pbrealms.decoder import _SLOT, _STRING_BASE
+from pbrealms.wire import MAX_MESSAGE_BYTES, LimitedBroker
 
 PEER = IPv4Address("TCP", "192.0.2.7", 4242)
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -120,7 +121,7 @@ def test_items_are_charged_what_they_cost_in_memory(shape):
 
 
 def test_bytes_waiting_to_be_decoded_count_too():
-    from pbrealms.wire import UnfinishedBytes
+    from pbrealms.unfinished import UnfinishedBytes
 
     broker = Holding()
     broker.unfinished = UnfinishedBytes(1 << 30)

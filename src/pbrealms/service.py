@@ -26,13 +26,8 @@ from pbrealms.hasher import PasswordHasher
 from pbrealms.login import LoginRoot
 from pbrealms.notify import notify
 from pbrealms.sessions import SessionRegistry
-from pbrealms.wire import (
-    MAX_DEPTH,
-    MAX_MESSAGE_BYTES,
-    MAX_UNFINISHED_BYTES,
-    LimitedBroker,
-    UnfinishedBytes,
-)
+from pbrealms.unfinished import MAX_UNFINISHED_BYTES, UnfinishedBytes
+from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES, LimitedBroker
 
 _log = Logger()
 

@@ -37,8 +37,9 @@ from pbrealms.settings import (
     shutdownGrace,
     whenFull,
 )
+from pbrealms.unfinished import MAX_UNFINISHED_BYTES
 from pbrealms.whenfull import REFUSE, WHEN_FULL
-from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES, MAX_UNFINISHED_BYTES
+from pbrealms.wire import MAX_DEPTH, MAX_MESSAGE_BYTES
 
 __all__ = ["Options", "makeService"]
 

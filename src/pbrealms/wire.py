@@ -1,21 +1,22 @@
 """
-Limits on what a client may send, enforced while decoding.
+The broker that owns a client's connection: limits on what a client may
+send, enforced while decoding, the read budget, output backpressure, ping,
+drop and graceful close.
 
 Banana, PB's encoding, bounds one string or list length (640 KiB) but not a
 message: a client can grow the server's memory without end, nest lists deep
 enough to make the log of the resulting error enormous, and each decoding
 error is logged as a traceback.  L{LimitedBroker} decodes the same wire format
-with a cap on what one message costs in memory once decoded and on its
-nesting depth, and answers any bad input by closing the connection with one
-log line.  An answer or an error that is well formed but does not decode
-fails only the call it answers.
+(with L{pbrealms.decoder}) with a cap on what one message costs in memory
+once decoded and on its nesting depth, and answers any bad input by closing
+the connection with one log line.  An answer or an error that is well formed
+but does not decode fails only the call it answers (see
+L{pbrealms.checkedbroker}).
 """
 
 from __future__ import annotations
 
 import contextlib
-import struct
-from typing import cast
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import (
@@ -27,13 +28,16 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.spread import jelly, pb
+from twisted.spread import pb
 from zope.interface import implementer
 
 from pbrealms import commands
 from pbrealms.addresses import describeAddress
+from pbrealms.checkedbroker import CheckedBroker
 from pbrealms.connection import IConnection
-from pbrealms.errors import MessageTooLarge, PagingRefused, UndecodableAnswer, printable
+from pbrealms.decoder import TooLarge, WireError, decode
+from pbrealms.errors import MessageTooLarge, PagingRefused, printable
+from pbrealms.unfinished import UnfinishedBytes
 
 #: The defaults: the most bytes one incoming message may have, and how deep
 #: its lists may nest.
@@ -41,45 +45,10 @@ MAX_MESSAGE_BYTES = 1 << 20
 MAX_DEPTH = 64
 READ_BUDGET = 4 * 1024
 
-#: The default budget for bytes held in unfinished messages, all connections
-#: together: the default per-address cap of connections not logged in (128)
-#: times the default message size, so one address at its cap fits, while
-#: 16,384 connections could otherwise hold 16 GiB.
-MAX_UNFINISHED_BYTES = 128 << 20
-
 #: Seconds a connection being closed has to read its last answer (a
 #: refusal) and say goodbye, before it is aborted; also the time a
 #: connection from a penalised address has to make its first call.
 CLOSE_TIMEOUT = 5.0
-
-_LIST, _INT, _STRING, _NEG, _FLOAT, _LONGINT, _LONGNEG, _VOCAB = range(0x80, 0x88)
-# What a decoded item costs in memory, charged before it is built: CPython
-# 3.11, 64-bit, the objects' sizes as sys.getsizeof gives them, and each
-# block rounded up to 16 bytes as pymalloc does (tests/test_unfinished.py
-# checks the charges against tracemalloc's blocks).
-#: Every item's pointer in the list that holds it: 8 bytes, and 1 more for
-#: the eighth that a growing list allocates ahead (list_resize).
-_SLOT = 9
-#: A string of n bytes costs ((n + _STRING_BASE) & -16) + _SLOT: its object
-#: is 33 + n bytes (getsizeof(b"") == 33), rounded up to 16.  (Beyond
-#: pymalloc's 512-byte blocks, malloc adds up to 16 bytes: under 3.4 %.)
-_STRING_BASE = 33 + 15
-#: A number whose item is n bytes on the wire (its type byte and n - 1
-#: digits of 7 bits) costs ((n + _NUMBER_BASE) & -16) + _SLOT: an int is 28
-#: bytes (getsizeof(1000)) and 4 more per 30 bits (at most 1 per digit), a
-#: float 24 (getsizeof(1.0)).  Ints up to 256 are shared, as are
-#: vocabulary words: those cost only their slot.
-_NUMBER_BASE = 28 - 1 + 15
-_SMALL_INT = 256
-#: A list: its object (getsizeof([]) == 56 with the collector's header: a
-#: block of 64), its array of pointers beyond the slots charged for its
-#: items (list_resize allocates 4 slots at first and 6 ahead later: 48 bytes
-#: cover it), and its slot.
-_LIST_COST = 64 + 48 + _SLOT
-#: What an unfinished list costs besides, until its last item: its entry on
-#: listStack, a tuple (number, list) of 56 bytes (a block of 64), the
-#: number (an int, 32), and the entry's pointer in listStack.
-_OPEN_COST = 64 + 32 + 8
 
 # The name pings are sent to.  No client has an object of that name, so
 # every PB client answers at once with a "no such object" error, and logs
@@ -87,8 +56,6 @@ _OPEN_COST = 64 + 32 + 8
 _PING = b"pbrealms.ping"
 
 _log = Logger()
-_NOTHING = object()
-_DOUBLE = struct.Struct("!d")
 
 
 class IBrokerTransport(ITCPTransport, IConsumer, IPushProducer):
@@ -99,109 +66,18 @@ class IBrokerTransport(ITCPTransport, IConsumer, IPushProducer):
     """
 
 
-class WireError(Exception):
-    """
-    A client sent something this server will not decode.
-    """
-
-
-class TooLarge(WireError):
-    """
-    A message would cost more than C{maxMessageBytes} once decoded.
-    """
-
-
-class UnfinishedBytes:
-    """
-    The bytes that a server's connections hold in messages not yet whole
-    (what is decoded so far, at what it costs in memory, and what has
-    arrived and waits to be decoded), against one budget for them all.
-
-    Each connection stays within C{maxMessageBytes}, but many together could
-    still hold more memory than the server has.  Beyond C{limit}, the
-    connection holding the most is closed: it is the one that costs the
-    most, and a client with a small message in progress is not hurt by
-    another's large ones.
-
-    @ivar total: the bytes held by all connections together.
-    """
-
-    def __init__(self, limit: int = MAX_UNFINISHED_BYTES) -> None:
-        self.limit = limit
-        self.total = 0
-        self._held: dict[LimitedBroker, int] = {}
-
-    def held(self, broker: LimitedBroker) -> int:
-        """
-        The bytes C{broker} holds, as it last said.
-        """
-        return self._held.get(broker, 0)
-
-    def hold(self, broker: LimitedBroker, held: int) -> None:
-        """
-        Record that C{broker} now holds C{held} bytes (once per decoding turn,
-        not per item); while all together hold more than C{limit}, close the
-        connection holding the most, with one log line.
-        """
-        if not held and broker not in self._held:
-            return  # nothing changes (and a closing broker says so again)
-        before = self._held.pop(broker, 0)
-        if held:
-            self._held[broker] = held
-        self.total += held - before
-        while self.total > self.limit and self._held:
-            # Only connections with a message in progress are listed: few,
-            # unless the server is under attack, and then rarely.
-            biggest = max(self._held, key=self._held.__getitem__)
-            most = self._held.pop(biggest)
-            self.total -= most
-            biggest.refuse(
-                f"unfinished messages held more than the server's {self.limit} bytes "
-                f"(--max-unfinished-bytes), this connection the most ({most} bytes)"
-            )
-
-
-class _Unanswered:
-    """
-    A local object called by a client that wants no answer.
-    """
-
-    def __init__(self, target) -> None:
-        self.target = target
-
-    def remoteMessageReceived(self, broker, message, args, kw):
-        result = self.target.remoteMessageReceived(broker, message, args, kw)
-        if isinstance(result, defer.Deferred):
-            result.addErrback(lambda _: None)
-        return result
-
-
-def _undecodable(what: str, error: Exception) -> Failure:
-    """
-    The failure of a call whose C{what} ("an answer", "an error") did not
-    decode, saying why in one line (the error's text may quote the peer).
-    """
-    if isinstance(error, jelly.InsecureJelly):
-        # Jelly names a refused tag by itself, as bytes: b'module'.
-        refused = error.args[0] if error.args else ""
-        detail = printable(refused, 80)
-        return Failure(UndecodableAnswer(f"{what} of a type the server refuses ({detail})"))
-    detail = printable(str(error), 80)
-    name = type(error).__name__
-    return Failure(UndecodableAnswer(f"{what} that cannot be decoded ({name}: {detail})"))
-
-
 @implementer(IConnection, IPushProducer)
-class LimitedBroker(pb.Broker):
+class LimitedBroker(CheckedBroker):
     """
     A client's connection (L{IConnection}): a PB broker that pings, drops and
     closes its connection for the rest of the server, that is its transport's
     producer (L{IPushProducer}, see L{connectionMade}), and whose decoder
     refuses a message larger than C{maxMessageBytes} or nested deeper than
-    C{maxDepth}, before building anything from it.
+    C{maxDepth}, before building anything from it (L{decode}), as its base
+    (L{CheckedBroker}) refuses a command of the wrong shape.
 
-    It reads from a buffer by position, so a large message costs linear time
-    (Banana copies the rest of its buffer for every item).
+    Its decoder reads from a buffer by position, so a large message costs
+    linear time (Banana copies the rest of its buffer for every item).
 
     Reading follows one rule (L{_steer}): nothing is decoded once input is
     refused or ignored; otherwise, while the transport's write buffer is full
@@ -255,16 +131,6 @@ class LimitedBroker(pb.Broker):
         """
         assert self.transport is not None
         return self.transport
-
-    @property
-    def _waiting(self) -> dict[int, defer.Deferred[object]] | None:
-        """
-        PB's calls that wait for an answer, by request id, from
-        C{connectionMade} until C{connectionLost} (L{None} outside).
-        """
-        # pb.Broker declares it None in its class and sets it in methods
-        # without annotations, so mypy sees only None.
-        return cast("dict[int, defer.Deferred[object]] | None", self.waitingForAnswers)
 
     def connectionMade(self) -> None:
         self._pending = bytearray()
@@ -396,7 +262,7 @@ class LimitedBroker(pb.Broker):
         self._next = None
         pending = self._pending
         try:
-            used = self._decode(pending, self.readBudget)
+            used = decode(self, pending, self.readBudget)
         except TooLarge as e:
             self._tooLarge(str(e))
             return
@@ -456,24 +322,6 @@ class LimitedBroker(pb.Broker):
         self._abort = None
         super().connectionLost(reason)
 
-    def proto_message(self, requestID, objectID, message, answerRequired, netArgs, netKw):
-        # PB logs a traceback for a field of the wrong type, once per message.
-        problem = commands.checkMessage(
-            requestID, objectID, message, answerRequired, netArgs, netKw
-        )
-        if problem is not None:
-            raise WireError(problem)
-        netKw = commands.unicodeNames(netKw)
-        # A call that wants no answer (pbanswer=False) and fails would end as
-        # an "Unhandled error in Deferred" traceback: its failure has been
-        # dealt with (a refused login is logged), so let it go.
-        find = self.localObjectForID if answerRequired else self._unanswered
-        self._recvMessage(find, requestID, objectID, message, answerRequired, netArgs, netKw)
-
-    def _unanswered(self, objectID):
-        target = self.localObjectForID(objectID)
-        return None if target is None else _Unanswered(target)
-
     def ignoreInput(self) -> None:
         """
         Decode nothing more from this connection, even what has arrived, and
@@ -489,113 +337,6 @@ class LimitedBroker(pb.Broker):
         if self.unfinished is not None:
             self.unfinished.hold(self, 0)
         self._steer()
-
-    def proto_cachemessage(self, *args) -> None:
-        # pbrealms has no Cacheable: a client's cache message is never valid,
-        # and PB would log a traceback for each one.
-        raise WireError("a message to a cached object")
-
-    def proto_didNotUnderstand(self, command) -> None:
-        # PB logs each of these with the peer's text: a way to flood the log.
-        pass
-
-    # What follows checks each command's shape before PB acts on it (see
-    # pbrealms.commands): PB logs a traceback for each one it cannot handle,
-    # or leaves what waits for an answer unfired.
-
-    def proto_answer(self, requestID, netResult) -> None:
-        waiting = self._question(requestID, "an answer")
-        self._checkReply(netResult)
-        answered = waiting.pop(requestID)
-        try:
-            result = self.unserialize(netResult)
-        except Exception as e:
-            answered.errback(_undecodable("an answer", e))
-        else:
-            answered.callback(result)
-
-    def proto_error(self, requestID, fail) -> None:
-        waiting = self._question(requestID, "an error")
-        self._checkReply(fail)
-        waiting.pop(requestID).errback(self._receivedError(fail))
-
-    def _question(self, requestID: object, what: str) -> dict[int, defer.Deferred[object]]:
-        """
-        The calls waiting for an answer, if C{requestID} is one of them;
-        else raise L{WireError}.
-        """
-        waiting = self._waiting
-        # None only once the connection is lost, when nothing is decoded.
-        if waiting is None or type(requestID) is not int or requestID not in waiting:
-            raise WireError(f"{what} to no question")
-        return waiting
-
-    def _checkReply(self, expression: object) -> None:
-        # Only a shape that PB never builds closes the connection; what a
-        # peer's PB builds but this side cannot decode (a Copyable, an old
-        # Twisted's failure) fails the one call it answers.
-        problem = commands.checkJelly(expression)
-        if problem is not None:
-            raise WireError(problem)
-
-    def _receivedError(self, fail: object) -> Failure:
-        """
-        The failure that an C{error} command's C{fail} stands for: the
-        peer's error as a L{pb.CopiedFailure} holding only its type, message
-        and parents (see L{commands.receivedFailure}), or an
-        L{UndecodableAnswer} if it is not one.  Python 2 peers send their
-        failures' state with byte strings for keys: it decodes the same.
-        """
-        if not commands.isFailure(fail):
-            # Stock PB sends a Copyable error as itself, not as a failure:
-            # the jelly options refuse its class, as they refuse any other.
-            try:
-                self.unserialize(fail)
-            except Exception as e:
-                return _undecodable("an error", e)
-            return Failure(UndecodableAnswer("an error that is not a failure"))
-        try:
-            # isFailure checked that it is [FAILURE, [b"dictionary", ...]].
-            state = self.unserialize(cast("list[object]", fail)[1])
-        except Exception as e:
-            return _undecodable("an error", e)
-        reason = commands.receivedFailure(state)
-        if reason is None:
-            return Failure(UndecodableAnswer("an error that is not a failure"))
-        return reason
-
-    def proto_decref(self, objectID) -> None:
-        # The server's named objects (the root) are not counted.
-        if type(objectID) is not int or objectID not in self.localObjects:
-            raise WireError("a decref of no reference")
-        super().proto_decref(objectID)
-
-    def proto_decache(self, objectID) -> None:
-        raise WireError("a decache of a cached object")
-
-    def proto_uncache(self, objectID) -> None:
-        raise WireError("an uncache of a cached object")
-
-    def proto_version(self, vnum) -> None:
-        if type(vnum) is not int or vnum != self.version:
-            raise WireError(f"a PB version other than {self.version}")
-
-    def _sendError(self, fail, requestID) -> None:
-        # The one place PB sends errors: each carries only its type, parents
-        # and message, whatever PB would copy of it (see
-        # commands.failureState).
-        state = commands.failureState(fail)
-        self.sendCall(b"error", requestID, [commands.FAILURE, self.serialize(state)])
-
-    def callExpressionReceived(self, obj) -> None:
-        if self.currentDialect is None:
-            if obj not in self.knownDialects:
-                raise WireError("no dialect that PB speaks")
-        else:
-            problem = commands.checkCommand(obj)
-            if problem is not None:
-                raise WireError(problem)
-        super().callExpressionReceived(obj)
 
     def refuse(self, reason: str) -> None:
         """
@@ -631,104 +372,3 @@ class LimitedBroker(pb.Broker):
         _log.info("closed the connection from {peer}: {reason}", peer=peer, reason=reason)
         self._sendError(MessageTooLarge(self.maxMessageBytes), requestID)
         self.closeAfterAnswer()
-
-    def _decode(self, buf: bytearray, budget: int) -> int:
-        """
-        Decode the whole items in C{buf}, passing each to L{gotItem}, until
-        C{budget} bytes are used.
-
-        Every item counts against C{maxMessageBytes} before it is built, by
-        what it costs in memory once decoded (see L{_SLOT} and the others),
-        not by its few bytes on the wire: a 2-byte string is 4 bytes there,
-        and 57 in Python.  A string is refused as soon as its announced
-        length is too much, before it arrives.  Decoding stops after a whole
-        message if the input is refused or the write buffer is full: only a
-        whole message can be answered.  (The loop keeps everything in local
-        names: it runs for every item a client sends.)
-
-        @return: how many bytes were used.
-        """
-        listStack = self.listStack
-        gotItem = self.gotItem
-        prefixLimit, sizeLimit = self.prefixLimit, self.sizeLimit
-        # Banana's connectionMade sets it, before anything can arrive.
-        assert prefixLimit is not None
-        maxBytes, maxDepth = self.maxMessageBytes, self.maxDepth
-        messageBytes = self._messageBytes
-        end = len(buf)
-        pos = 0
-        while pos < end and pos < budget:
-            start = scan = pos
-            stop = min(end, pos + prefixLimit + 1)
-            while scan < stop and buf[scan] < 0x80:
-                scan += 1
-            if scan == end:
-                if scan - pos > prefixLimit:
-                    raise WireError(f"a number longer than {prefixLimit} bytes")
-                break  # the type byte has not arrived yet
-            if scan - pos > prefixLimit:
-                raise WireError(f"a number longer than {prefixLimit} bytes")
-            if scan - pos == 1:
-                num = buf[pos]
-            else:
-                num = 0
-                for shift, digit in enumerate(buf[pos:scan]):
-                    num |= digit << (7 * shift)
-            kind = buf[scan]
-            pos = scan + 1
-            if kind == _STRING:
-                if num > sizeLimit:
-                    raise WireError(f"a string of {num} bytes")
-                cost = ((num + _STRING_BASE) & -16) + _SLOT
-            elif kind == _LIST:
-                if num > sizeLimit:
-                    raise WireError(f"a list of {num} items")
-                if len(listStack) >= maxDepth:
-                    raise WireError(f"a message nested deeper than {maxDepth} lists")
-                cost = _LIST_COST + _OPEN_COST
-            elif (kind == _INT and num <= _SMALL_INT) or kind == _VOCAB:
-                cost = _SLOT
-            else:
-                cost = ((pos - start + _NUMBER_BASE) & -16) + _SLOT
-            if messageBytes + cost > maxBytes:
-                raise TooLarge(
-                    f"a message that would cost more than {maxBytes} bytes of memory once "
-                    "decoded (--max-message-size)"
-                )
-            if kind == _STRING:
-                if end - pos < num:
-                    pos = start  # wait for the rest of the string
-                    break
-                item: object = bytes(buf[pos : pos + num])
-                pos += num
-            elif kind == _LIST:
-                listStack.append((num, []))
-                item = _NOTHING
-            elif kind == _INT or kind == _LONGINT:
-                item = num
-            elif kind == _NEG or kind == _LONGNEG:
-                item = -num
-            elif kind == _FLOAT:
-                if end - pos < 8:
-                    pos = start
-                    break
-                (item,) = _DOUBLE.unpack_from(buf, pos)
-                pos += 8
-            elif kind == _VOCAB:
-                if self.currentDialect != b"pb" or num not in self.incomingVocabulary:
-                    raise WireError(f"unknown vocabulary word {num}")
-                item = self.incomingVocabulary[num]
-            else:
-                raise WireError(f"unknown type byte {kind:#04x}")
-            messageBytes += cost
-            if item is not _NOTHING:
-                gotItem(item)
-            while listStack and len(listStack[-1][1]) == listStack[-1][0]:
-                gotItem(listStack.pop()[1])
-                messageBytes -= _OPEN_COST  # its entry on listStack is gone
-            if not listStack:
-                messageBytes = 0
-                if self._refused or self.writeBlocked:
-                    break
-        self._messageBytes = messageBytes
-        return pos
