@@ -23,6 +23,7 @@ from twisted.spread import pb
 from pbrealms.checkers import PasswordFile
 from pbrealms.client import Connection, connect
 from pbrealms.login import LoginRoot
+from pbrealms.metrics import ServerMetrics
 from pbrealms.realms import REALMS, Realm
 from pbrealms.service import PBServerFactory
 from pbrealms.sessions import SessionRegistry
@@ -163,6 +164,36 @@ async def eventually(reactor, condition: Callable[[], bool], timeout: float = 5.
             raise AssertionError(f"condition not met within {timeout} s")
         await task.deferLater(reactor, 0.01, lambda: None)
         waited += 0.01
+
+
+def counted(metrics: ServerMetrics, counter: str, **labels: str) -> float:
+    """
+    The value of the counter C{pbrealms_COUNTER_total} with C{labels}, as a
+    scrape of C{metrics} shows it.
+    """
+    value = metrics.registry.get_sample_value(f"pbrealms_{counter}_total", labels)
+    assert value is not None, f"no sample pbrealms_{counter}_total{labels}"
+    return value
+
+
+def within(reactor, d: defer.Deferred, timeout: float = 5.0) -> defer.Deferred:
+    """
+    C{d}, failing with L{defer.TimeoutError} if it has not fired within
+    C{timeout} seconds.
+    """
+    return d.addTimeout(timeout, reactor)
+
+
+def disconnection(reactor, broker: pb.Broker, timeout: float = 5.0) -> defer.Deferred[None]:
+    """
+    A L{Deferred} firing once C{broker}'s connection has closed (at once if
+    it has), or failing after C{timeout}.
+    """
+    if broker.disconnected:
+        return defer.succeed(None)
+    d: defer.Deferred[None] = defer.Deferred()
+    broker.notifyOnDisconnect(lambda: d.called or d.callback(None))
+    return within(reactor, d, timeout)
 
 
 class RecordingFactory(PBServerFactory):
