@@ -26,7 +26,7 @@ from pbrealms.login import LoginRoot
 from pbrealms.metrics import ServerMetrics
 from pbrealms.realms import REALMS, Realm
 from pbrealms.service import PBServerFactory
-from pbrealms.sessions import SessionRegistry
+from pbrealms.sessions import Session, SessionRegistry
 from pbrealms.tap import wireSecurity
 
 USERS = {"alice": "wonderland", "bob": "builder"}
@@ -179,9 +179,12 @@ def counted(metrics: ServerMetrics, counter: str, **labels: str) -> float:
 def within(reactor, d: defer.Deferred, timeout: float = 5.0) -> defer.Deferred:
     """
     C{d}, failing with L{defer.TimeoutError} if it has not fired within
-    C{timeout} seconds.
+    C{timeout} seconds.  Its result is handed on at the reactor's next
+    turn: a test waiting for an event goes on once the code that made it
+    has returned, not from inside it.
     """
-    return d.addTimeout(timeout, reactor)
+    d.addTimeout(timeout, reactor)
+    return d.addBoth(lambda result: task.deferLater(reactor, 0, lambda: result))
 
 
 def disconnection(reactor, broker: pb.Broker, timeout: float = 5.0) -> defer.Deferred[None]:
@@ -194,6 +197,86 @@ def disconnection(reactor, broker: pb.Broker, timeout: float = 5.0) -> defer.Def
     d: defer.Deferred[None] = defer.Deferred()
     broker.notifyOnDisconnect(lambda: d.called or d.callback(None))
     return within(reactor, d, timeout)
+
+
+def ending(reactor, session: Session, timeout: float = 5.0) -> defer.Deferred[None]:
+    """
+    A L{Deferred} firing once C{session} has ended (at once if it has), or
+    failing after C{timeout}.
+    """
+    d: defer.Deferred[None] = defer.Deferred()
+    session.onClose(lambda: d.called or d.callback(None))
+    return within(reactor, d, timeout)
+
+
+def nextLogin(reactor, registry: SessionRegistry, timeout: float = 5.0) -> defer.Deferred[Session]:
+    """
+    A L{Deferred} firing with the next session to log in to C{registry}, or
+    failing after C{timeout}.
+    """
+    return _next(reactor, registry, timeout, opened=True)
+
+
+def nextLogout(reactor, registry: SessionRegistry, timeout: float = 5.0) -> defer.Deferred[Session]:
+    """
+    A L{Deferred} firing with the next logged-in session of C{registry} to
+    end, or failing after C{timeout}.
+    """
+    return _next(reactor, registry, timeout, opened=False)
+
+
+def _next(reactor, registry: SessionRegistry, timeout: float, opened: bool) -> defer.Deferred:
+    d: defer.Deferred[Session] = defer.Deferred()
+
+    def seen(session: Session) -> None:
+        if not d.called:
+            d.callback(session)
+
+    class Once:
+        def sessionOpened(self, session: Session) -> None:
+            if opened:
+                seen(session)
+
+        def sessionClosed(self, session: Session, reason: str) -> None:
+            if not opened:
+                seen(session)
+
+    registry.observe(Once())
+    return within(reactor, d, timeout)
+
+
+class Arrivals(list):
+    """
+    A list of what it is called with, as a callback (a L{ClientMind}'s
+    C{onTime}, say), and a way to wait until it holds so many.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiting: list[tuple[int, defer.Deferred[list]]] = []
+
+    def __call__(self, value: object) -> None:
+        self.append(value)
+        waiting, self._waiting = self._waiting, []
+        for count, d in waiting:
+            self._check(count, d)
+
+    def _check(self, count: int, d: defer.Deferred[list]) -> None:
+        if d.called:
+            return  # timed out
+        if len(self) >= count:
+            d.callback(list(self))
+        else:
+            self._waiting.append((count, d))
+
+    def waitFor(self, reactor, count: int = 1, timeout: float = 5.0) -> defer.Deferred[list]:
+        """
+        A L{Deferred} firing with a copy of this list once it holds at least
+        C{count} items (at once if it does), or failing after C{timeout}.
+        """
+        d: defer.Deferred[list] = defer.Deferred()
+        self._check(count, d)
+        return within(reactor, d, timeout)
 
 
 class RecordingFactory(PBServerFactory):

@@ -15,7 +15,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 import pytest_twisted
-from conftest import eventually
+from conftest import counted, eventually
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
@@ -236,8 +236,8 @@ async def test_busy_counts_against_neither_the_connection_nor_the_source(
             await gate.callRemote("loginPassword", b"carol", b"c4r0l", None).addErrback(localize)
     assert not gate.broker.disconnected  # one try allowed, none used
     assert root.penalties.penalty("127.0.0.1") == 0
-    assert root.registry.metrics.logins.labels("busy")._value.get() == 3
-    assert root.registry.metrics.logins.labels("bad_credentials")._value.get() == 0
+    assert counted(root.registry.metrics, "logins", outcome="busy") == 3
+    assert counted(root.registry.metrics, "logins", outcome="bad_credentials") == 0
     # Asking again costs nothing: not one log line each, but a count now and then.
     (line,) = [m for m in log.messages() if "busy" in m]
     assert "1 answered busy" in line

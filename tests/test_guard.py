@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from conftest import eventually
+from conftest import disconnection, eventually
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol, task
@@ -177,7 +177,7 @@ async def test_a_penalised_source_is_refused_and_others_are_not(guarded, reactor
         "too many failed logins from this address: try again in 15 s"
     )
     assert localize(failure).check(SourcePenalised)
-    await eventually(reactor, lambda: served.factory.made[-1].disconnected)
+    await disconnection(reactor, served.factory.made[-1])
     assert served.registry.countOf("alice") == 0
     # A line per failure and one for the penalty; none for the refused
     # connection.
@@ -221,7 +221,7 @@ async def test_a_connection_that_does_not_log_in_in_time_is_closed(harness, reac
     clock.advance(29)
     assert not served.factory.made[0].disconnected
     clock.advance(1)
-    await eventually(reactor, lambda: served.factory.made[0].disconnected)
+    await disconnection(reactor, served.factory.made[0])
     assert not served.factory.made[1].disconnected  # logged in: stays
     assert any("no login within 30 s" in m for m in log.messages())
     assert not clock.getDelayedCalls()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from conftest import USERS, eventually
+from conftest import USERS, disconnection, eventually
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from processes import stop
@@ -389,7 +389,7 @@ async def test_a_flood_does_not_starve_a_canary(harness, reactor):
         assert await canary.callRemote("greet") == "<1>hello alice"
         assert took < 0.2, f"the canary took {took * 1000:.0f} ms to log in"
         assert flooding, "the flood was over before the canary logged in"
-        await eventually(reactor, lambda: broker.disconnected, timeout=30)
+        await disconnection(reactor, broker, 30)
     finally:
         stop(flooder)
 
