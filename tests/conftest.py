@@ -248,7 +248,8 @@ def _next(reactor, registry: SessionRegistry, timeout: float, opened: bool) -> d
 class Arrivals(list):
     """
     A list of what it is called with, as a callback (a L{ClientMind}'s
-    C{onTime}, say), and a way to wait until it holds so many.
+    C{onTime}, say), or given with C{append}, and a way to wait until it
+    holds so many.
     """
 
     def __init__(self) -> None:
@@ -257,6 +258,9 @@ class Arrivals(list):
 
     def __call__(self, value: object) -> None:
         self.append(value)
+
+    def append(self, value: object) -> None:
+        super().append(value)
         waiting, self._waiting = self._waiting, []
         for count, d in waiting:
             self._check(count, d)

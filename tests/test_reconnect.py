@@ -547,16 +547,18 @@ async def test_kicked_by_a_newer_login_stops_with_the_reason(reactor, harness):
     served = await harness.serve("sessions", maxPerUser=1, whenFull="replace-oldest")
     kicks: list[str] = []
     lost: list = []
+    logins = Arrivals()
     session = realSession(
         reactor,
         served,
         mind=ClientMind(onKicked=kicks.append),
+        onLogin=logins,
         onLost=lambda reason, delay: lost.append(reason),
     )
     stopped = session.start()
     try:
-        await eventually(reactor, lambda: session.connection is not None)
-        first = session.connection
+        (first,) = await logins.waitFor(reactor)
+        assert session.connection is first
         newer = await served.login("alice", mind=ClientMind())
         with pytest.raises(Kicked) as kicked:
             await stopped
@@ -594,21 +596,22 @@ async def test_a_wrong_password_stops_without_trying_again(reactor, harness):
 async def test_too_many_connections_tries_again_until_the_slot_frees(reactor, harness):
     served = await harness.serve("sessions", maxPerUser=1)
     holder = await served.login("alice")
-    refusals: list[Failure] = []
-    logins: list = []
+    refusals = Arrivals()
+    logins = Arrivals()
     session = realSession(
         reactor,
         served,
-        onLogin=logins.append,
-        onLost=lambda reason, delay: refusals.append(reason),
+        onLogin=logins,
+        onLost=lambda reason, delay: refusals(reason),
     )
     stopped = session.start()
     try:
-        await eventually(reactor, lambda: len(refusals) >= 3)
+        await refusals.waitFor(reactor, 3)
         assert all(r.check(TooManyConnections) for r in refusals)
         assert session.connection is None
         await holder.disconnect()
-        await eventually(reactor, lambda: session.connection is not None)
+        await logins.waitFor(reactor)
+        assert session.connection is not None
         assert logins == [session.connection]
         status = await session.connection.callRemote("status")
         assert (status["user"], status["sessions"]) == ("alice", 1)
@@ -629,20 +632,21 @@ async def test_a_penalised_address_comes_back_once_the_penalty_drained(reactor, 
     base = harness.makeRoot("tracking")
     root = LoginRoot(base.checker, base.realm, base.registry, penalties=penalties)
     served = await harness.serve(root=root)
-    lost: list = []
+    lost = Arrivals()
+    logins = Arrivals()
     session = ReconnectingSession(
         clock,
         endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", served.port.getHost().port),
         "alice",
         "wonderland",
         timeout=5.0,
-        onLost=lambda reason, delay: lost.append((reason, delay)),
+        onLogin=logins,
+        onLost=lambda reason, delay: lost((reason, delay)),
         jitter=lambda: 1.0,
     )
     stopped = session.start()
     try:
-        await eventually(reactor, lambda: lost)
-        ((reason, delay),) = lost
+        ((reason, delay),) = await lost.waitFor(reactor)
         assert reason.check(SourcePenalised)
         assert str(reason.value) == "too many failed logins from this address: try again in 15 s"
         assert delay == 15.0
@@ -650,7 +654,9 @@ async def test_a_penalised_address_comes_back_once_the_penalty_drained(reactor, 
         await task.deferLater(reactor, 0.1, lambda: None)
         assert len(served.factory.made) == 1  # no attempt before its time
         clock.advance(0.1)
-        await eventually(reactor, lambda: session.connection is not None)
+        await logins.waitFor(reactor)
+        assert session.connection is not None
+        assert logins == [session.connection]
         assert len(served.factory.made) == 2
         assert served.registry.countOf("alice") == 1
         assert not stopped.called

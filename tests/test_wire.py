@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from conftest import USERS, disconnection, eventually
+from conftest import USERS, Arrivals, disconnection, eventually
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from processes import stop
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
@@ -271,7 +271,7 @@ async def test_a_deep_message_over_tcp_closes_only_that_connection(harness, reac
     assert len(lines) == 1 and len(lines[0]) < 1024
     canary = await served.login("alice")
     assert await canary.callRemote("greet") == "<1>hello alice"
-    await eventually(reactor, lambda: True)
+    await task.deferLater(reactor, 0, lambda: None)
 
 
 def rss(pid: int) -> int:
@@ -477,10 +477,14 @@ class TimeMind(pb.Referenceable):
     """
 
     def __init__(self) -> None:
-        self.times = 0
+        self.pushed = Arrivals()
+
+    @property
+    def times(self) -> int:
+        return len(self.pushed)
 
     def remote_notifyTime(self, seconds: float) -> None:
-        self.times += 1
+        self.pushed.append(seconds)
 
 
 @pytest_twisted.ensureDeferred
@@ -496,7 +500,8 @@ async def test_one_way_pushes_stop_at_a_full_write_buffer_and_resume(harness, re
     broker.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     client = conn.perspective.broker.transport
     client.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await eventually(reactor, lambda: mind.times == 1)  # the push at login
+    await mind.pushed.waitFor(reactor)  # the push at login
+    assert mind.times == 1
     client.pauseProducing()  # the client stops reading
     sent = 0
     while notify(session.mind, "notifyTime", 1.0):
@@ -507,6 +512,7 @@ async def test_one_way_pushes_stop_at_a_full_write_buffer_and_resume(harness, re
     buffered = len(broker.transport.dataBuffer) + broker.transport._tempDataLen
     assert buffered < 2 * broker.transport.bufferSize
     client.resumeProducing()
-    await eventually(reactor, lambda: mind.times == 1 + sent)
+    await mind.pushed.waitFor(reactor, 1 + sent)
+    assert mind.times == 1 + sent
     assert not broker.writeBlocked
     assert notify(session.mind, "notifyTime", 1.0)
