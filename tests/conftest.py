@@ -10,13 +10,14 @@ import fcntl
 import gc
 import os
 import stat
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 import trustme
-from twisted.internet import defer, ssl, task
+from twisted.internet import defer, ssl, task, threads
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.spread import pb
 
@@ -207,6 +208,15 @@ def ending(reactor, session: Session, timeout: float = 5.0) -> defer.Deferred[No
     d: defer.Deferred[None] = defer.Deferred()
     session.onClose(lambda: d.called or d.callback(None))
     return within(reactor, d, timeout)
+
+
+def exited(process: subprocess.Popen, timeout: float) -> defer.Deferred[int]:
+    """
+    A L{Deferred} firing with C{process}'s exit status once it has exited,
+    or failing with L{subprocess.TimeoutExpired} after C{timeout}.  It is
+    waited for in a thread: the reactor serves the process meanwhile.
+    """
+    return threads.deferToThread(process.wait, timeout)
 
 
 def nextLogin(reactor, registry: SessionRegistry, timeout: float = 5.0) -> defer.Deferred[Session]:

@@ -13,7 +13,7 @@ import bcrypt
 import pytest
 import pytest_twisted
 import trustme
-from conftest import eventually
+from conftest import exited
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, endpoints, ssl, task
@@ -185,7 +185,7 @@ async def test_pbrealms_client_over_tls(reactor, tlsServer, tmp_path):
     ]  # fmt: skip
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # The reactor serves it meanwhile.
-    await eventually(reactor, lambda: process.poll() is not None, timeout=30)
+    await exited(process, 30)
     out, err = process.communicate()
     assert process.returncode == 0, err
     assert out == "<1>hello carol\n"
