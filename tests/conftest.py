@@ -303,6 +303,19 @@ class RecordingFactory(PBServerFactory):
         super().__init__(root, wireSecurity())
         self.made: list[pb.Broker] = []
         self.closed: list[defer.Deferred] = []
+        self._waiting: list[tuple[int, defer.Deferred[None]]] = []
+
+    def accepted(self, reactor, count: int, timeout: float = 5.0) -> defer.Deferred[None]:
+        """
+        A L{Deferred} firing once this factory has made C{count} connections
+        (at once if it has), or failing after C{timeout} seconds.
+        """
+        d: defer.Deferred[None] = defer.Deferred()
+        if len(self.made) >= count:
+            d.callback(None)
+        else:
+            self._waiting.append((count, d))
+        return within(reactor, d, timeout)
 
     def buildProtocol(self, addr):
         broker = super().buildProtocol(addr)
@@ -312,6 +325,14 @@ class RecordingFactory(PBServerFactory):
         broker.notifyOnDisconnect(lambda: closed.callback(None))
         self.made.append(broker)
         self.closed.append(closed)
+        waiting, self._waiting = self._waiting, []
+        for count, d in waiting:
+            if d.called:
+                continue  # timed out
+            if len(self.made) >= count:
+                d.callback(None)
+            else:
+                self._waiting.append((count, d))
         return broker
 
 

@@ -237,7 +237,7 @@ async def test_a_client_that_does_not_read_is_not_read_from(harness, reactor, tl
     if tls:
         endpoint = endpoints.wrapClientTLS(clientTLS, endpoint)
     client = await endpoint.connect(protocol.Factory.forProtocol(lambda: Silent(calls)))
-    await eventually(reactor, lambda: len(factory.made) == 1)
+    await factory.accepted(reactor, 1)
     (broker,) = factory.made
     tcp = broker.transport.transport if tls else broker.transport
     tcp.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)

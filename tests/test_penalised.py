@@ -5,7 +5,7 @@ server little: one answer, a close, no log line per connection.
 
 import pytest
 import pytest_twisted
-from conftest import RecordingFactory, Served, disconnection, eventually
+from conftest import RecordingFactory, Served, disconnection
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, error, protocol, task
@@ -135,7 +135,8 @@ async def test_a_flood_from_a_penalised_address_costs_little(penalised, harness,
         await protocol.ClientCreator(reactor, Silent).connectTCP(
             "127.0.0.1", port, bindAddress=(ATTACKER, 0)
         )
-    await eventually(reactor, lambda: len(served.factory.made) == 50)
+    await served.factory.accepted(reactor, 50)
+    assert len(served.factory.made) == 50
     accepted = reactor.seconds()
     logins = [
         outcome(connectFrom(harness, served, ATTACKER).login(UsernamePassword(b"alice", b"x")))

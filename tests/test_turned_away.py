@@ -264,7 +264,7 @@ async def test_a_closing_tls_connection_reads_a_bounded_amount(
     served.factory.maxMessageBytes = 50_000
     before = len(log)
     client = await hostileTLS(harness, served, clientTLS, data, junk=True)
-    await eventually(reactor, lambda: len(served.factory.made) == 1)
+    await served.factory.accepted(reactor, 1)
     (broker,) = served.factory.made
     await eventually(reactor, lambda: broker._refused)
     clock.advance(0)  # the close, once the refusal is written
@@ -291,7 +291,7 @@ async def test_a_closing_tls_connection_is_aborted_after_the_close_timeout(
     served.factory.maxMessageBytes = 50_000
     before = len(log)
     client = await hostileTLS(harness, served, clientTLS, data, junk=False)
-    await eventually(reactor, lambda: len(served.factory.made) == 1)
+    await served.factory.accepted(reactor, 1)
     (broker,) = served.factory.made
     await eventually(reactor, lambda: broker._refused)
     clock.advance(0)

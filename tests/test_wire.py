@@ -378,8 +378,8 @@ async def test_a_flood_does_not_starve_a_canary(harness, reactor):
         stdout=subprocess.PIPE,
     )
     try:
-        await eventually(reactor, lambda: len(served.factory.made) == 1, timeout=15)
-        broker = served.factory.made[0]
+        await served.factory.accepted(reactor, 1, 15)
+        (broker,) = served.factory.made
         # Wait until the server is busy with the flood.
         await eventually(reactor, lambda: broker._paused, timeout=15)
         started = time.monotonic()
