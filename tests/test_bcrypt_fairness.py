@@ -15,7 +15,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 import pytest_twisted
-from conftest import counted, eventually
+from conftest import Arrivals, counted, eventually
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
@@ -43,7 +43,7 @@ class FakeHash:
     """
 
     def __init__(self) -> None:
-        self.started: list[bytes] = []
+        self.started = Arrivals()  # the passwords checked, in order
         self.running: dict[bytes, defer.Deferred[bool]] = {}
 
     def __call__(self, password: bytes, hashed: bytes) -> defer.Deferred[bool]:
@@ -244,7 +244,8 @@ async def test_busy_counts_against_neither_the_connection_nor_the_source(
 
     fake.finish(b"held")
     login = gate.callRemote("loginPassword", b"carol", b"c4r0l", None)
-    await eventually(reactor, lambda: b"c4r0l" in fake.running)
+    # The slot is free: carol's is the next check to start.
+    assert await fake.started.waitFor(reactor, 2) == [b"held", b"c4r0l"]
     fake.finish(b"c4r0l", True)
     assert isinstance(await login, pb.RemoteReference)
 
