@@ -276,6 +276,7 @@ async def test_one_attacking_address_cannot_keep_another_out(reactor, harness, b
         harness.connectors.append(connector)
         attacks.append(defer.ensureDeferred(attack(factory)))
     try:
+        # The queue fills as the attacks arrive, telling nothing: polled.
         await eventually(reactor, lambda: hasher.pending >= hasher.maxPending)
         victim = f"tcp:host=127.0.0.1:port={port}:bindAddress=127.0.0.3"
         loggedIn, refusals, took = 0, Counter(), []

@@ -75,6 +75,7 @@ async def test_a_refused_login_that_wants_no_answer_logs_no_traceback(harness, r
     root = await factory.getRootObject()
     challenge, challenger = await root.callRemote("login", b"alice")
     challenger.callRemote("respond", pb.respond(challenge, b"wrong"), None, pbanswer=False)
+    # A log line, with no event of its own: polled.
     await eventually(reactor, lambda: any("login refused" in m for m in log.messages()))
     import gc
 

@@ -520,6 +520,7 @@ async def test_comes_back_after_the_server_restarts_and_subscribes_again(reactor
             broker.transport.abortConnection()
         await defer.gatherResults(served.factory.closed)
         harness.servers.remove(served)
+        # The condition is which failure follows the loss: polled.
         await eventually(reactor, lambda: any(r.check(error.ConnectionRefusedError) for r in lost))
         assert lost[0].check(error.ConnectionLost)
         assert session.connection is None

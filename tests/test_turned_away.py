@@ -266,6 +266,7 @@ async def test_a_closing_tls_connection_reads_a_bounded_amount(
     client = await hostileTLS(harness, served, clientTLS, data, junk=True)
     await served.factory.accepted(reactor, 1)
     (broker,) = served.factory.made
+    # The broker tells nothing when it refuses: polled.
     await eventually(reactor, lambda: broker._refused)
     clock.advance(0)  # the close, once the refusal is written
     await disconnection(reactor, broker)
@@ -293,6 +294,7 @@ async def test_a_closing_tls_connection_is_aborted_after_the_close_timeout(
     client = await hostileTLS(harness, served, clientTLS, data, junk=False)
     await served.factory.accepted(reactor, 1)
     (broker,) = served.factory.made
+    # The broker tells nothing when it refuses: polled.
     await eventually(reactor, lambda: broker._refused)
     clock.advance(0)
     await task.deferLater(reactor, 0.1, lambda: None)

@@ -345,6 +345,7 @@ async def test_reading_pauses_once_a_turn_has_used_its_budget(reactor):
     broker.dataReceived(message * 1000)  # 105 kB
     assert 0 < len(broker.received) < 200
     assert transport.producerState == "paused"
+    # Reading resumes a budget per reactor turn, telling nothing: polled.
     await eventually(reactor, lambda: len(broker.received) == 1000)
     assert transport.producerState == "producing"
 
