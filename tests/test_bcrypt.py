@@ -21,7 +21,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.spread import pb
 
-from pbrealms.checkers import PasswordFile, isHashed
+from pbrealms.checkers import PasswordFile, PasswordHasher, isHashed
 from pbrealms.client import ClientMind, connect
 from pbrealms.errors import BadCredentials, InsecureLogin, ServerBusy, localize
 from pbrealms.login import _LoginGate
@@ -259,9 +259,20 @@ async def test_the_hash_queue_is_bounded():
     hasher.stop()
 
 
-def test_the_dummy_hash_has_the_files_cost(hashedPasswd):
+@pytest_twisted.ensureDeferred
+async def test_the_dummy_hash_has_the_files_cost(hashedPasswd):
     checker = PasswordFile(str(hashedPasswd))  # its hashes have cost 4
-    assert checker._dummy.startswith(b"$2b$04$")
+    checked: list[bytes] = []
+
+    def run(password: bytes, hashed: bytes) -> defer.Deferred[bool]:
+        checked.append(hashed)
+        return defer.succeed(False)
+
+    checker.hasher = PasswordHasher(threads=1, run=run)
+    # An unknown user is checked against the dummy hash.
+    assert await avatarId(checker, b"mallory", b"c4r0l") is None
+    (dummy,) = checked
+    assert dummy.startswith(b"$2b$04$")
 
 
 def test_pbrealms_passwd_keeps_other_lines_and_the_files_mode(tmp_path):
