@@ -21,9 +21,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.spread import pb
 
-from pbrealms.checkers import PasswordFile, PasswordHasher, isHashed
+from pbrealms.checkers import PasswordFile, isHashed
 from pbrealms.client import ClientMind, connect
 from pbrealms.errors import BadCredentials, InsecureLogin, ServerBusy, localize
+from pbrealms.hasher import PasswordHasher
 from pbrealms.login import _LoginGate
 from pbrealms.tap import Options, makeService
 
