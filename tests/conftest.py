@@ -10,23 +10,25 @@ import fcntl
 import gc
 import os
 import stat
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 import trustme
-from twisted.internet import defer, ssl, task
+from twisted.internet import defer, ssl, task, threads
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.spread import pb
 
 from pbrealms.checkers import PasswordFile
 from pbrealms.client import Connection, connect
 from pbrealms.login import LoginRoot
+from pbrealms.metrics import ServerMetrics
 from pbrealms.realms import REALMS, Realm
 from pbrealms.service import PBServerFactory
 from pbrealms.servicetree import wireSecurity
-from pbrealms.sessions import SessionRegistry
+from pbrealms.sessions import Session, SessionRegistry
 
 USERS = {"alice": "wonderland", "bob": "builder"}
 
@@ -165,6 +167,132 @@ async def eventually(reactor, condition: Callable[[], bool], timeout: float = 5.
         waited += 0.01
 
 
+def counted(metrics: ServerMetrics, counter: str, **labels: str) -> float:
+    """
+    The value of the counter C{pbrealms_COUNTER_total} with C{labels}, as a
+    scrape of C{metrics} shows it.
+    """
+    value = metrics.registry.get_sample_value(f"pbrealms_{counter}_total", labels)
+    assert value is not None, f"no sample pbrealms_{counter}_total{labels}"
+    return value
+
+
+def within(reactor, d: defer.Deferred, timeout: float = 5.0) -> defer.Deferred:
+    """
+    C{d}, failing with L{defer.TimeoutError} if it has not fired within
+    C{timeout} seconds.  Its result is handed on at the reactor's next
+    turn: a test waiting for an event goes on once the code that made it
+    has returned, not from inside it.
+    """
+    d.addTimeout(timeout, reactor)
+    return d.addBoth(lambda result: task.deferLater(reactor, 0, lambda: result))
+
+
+def disconnection(reactor, broker: pb.Broker, timeout: float = 5.0) -> defer.Deferred[None]:
+    """
+    A L{Deferred} firing once C{broker}'s connection has closed (at once if
+    it has), or failing after C{timeout}.
+    """
+    if broker.disconnected:
+        return defer.succeed(None)
+    d: defer.Deferred[None] = defer.Deferred()
+    broker.notifyOnDisconnect(lambda: d.called or d.callback(None))
+    return within(reactor, d, timeout)
+
+
+def ending(reactor, session: Session, timeout: float = 5.0) -> defer.Deferred[None]:
+    """
+    A L{Deferred} firing once C{session} has ended (at once if it has), or
+    failing after C{timeout}.
+    """
+    d: defer.Deferred[None] = defer.Deferred()
+    session.onClose(lambda: d.called or d.callback(None))
+    return within(reactor, d, timeout)
+
+
+def exited(process: subprocess.Popen, timeout: float) -> defer.Deferred[int]:
+    """
+    A L{Deferred} firing with C{process}'s exit status once it has exited,
+    or failing with L{subprocess.TimeoutExpired} after C{timeout}.  It is
+    waited for in a thread: the reactor serves the process meanwhile.
+    """
+    return threads.deferToThread(process.wait, timeout)
+
+
+def nextLogin(reactor, registry: SessionRegistry, timeout: float = 5.0) -> defer.Deferred[Session]:
+    """
+    A L{Deferred} firing with the next session to log in to C{registry}, or
+    failing after C{timeout}.
+    """
+    return _next(reactor, registry, timeout, opened=True)
+
+
+def nextLogout(reactor, registry: SessionRegistry, timeout: float = 5.0) -> defer.Deferred[Session]:
+    """
+    A L{Deferred} firing with the next logged-in session of C{registry} to
+    end, or failing after C{timeout}.
+    """
+    return _next(reactor, registry, timeout, opened=False)
+
+
+def _next(reactor, registry: SessionRegistry, timeout: float, opened: bool) -> defer.Deferred:
+    d: defer.Deferred[Session] = defer.Deferred()
+
+    def seen(session: Session) -> None:
+        if not d.called:
+            d.callback(session)
+
+    class Once:
+        def sessionOpened(self, session: Session) -> None:
+            if opened:
+                seen(session)
+
+        def sessionClosed(self, session: Session, reason: str) -> None:
+            if not opened:
+                seen(session)
+
+    registry.observe(Once())
+    return within(reactor, d, timeout)
+
+
+class Arrivals(list):
+    """
+    A list of what it is called with, as a callback (a L{ClientMind}'s
+    C{onTime}, say), or given with C{append}, and a way to wait until it
+    holds so many.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiting: list[tuple[int, defer.Deferred[list]]] = []
+
+    def __call__(self, value: object) -> None:
+        self.append(value)
+
+    def append(self, value: object) -> None:
+        super().append(value)
+        waiting, self._waiting = self._waiting, []
+        for count, d in waiting:
+            self._check(count, d)
+
+    def _check(self, count: int, d: defer.Deferred[list]) -> None:
+        if d.called:
+            return  # timed out
+        if len(self) >= count:
+            d.callback(list(self))
+        else:
+            self._waiting.append((count, d))
+
+    def waitFor(self, reactor, count: int = 1, timeout: float = 5.0) -> defer.Deferred[list]:
+        """
+        A L{Deferred} firing with a copy of this list once it holds at least
+        C{count} items (at once if it does), or failing after C{timeout}.
+        """
+        d: defer.Deferred[list] = defer.Deferred()
+        self._check(count, d)
+        return within(reactor, d, timeout)
+
+
 class RecordingFactory(PBServerFactory):
     """
     The server's factory, remembering every connection it made (open or
@@ -175,6 +303,19 @@ class RecordingFactory(PBServerFactory):
         super().__init__(root, wireSecurity())
         self.made: list[pb.Broker] = []
         self.closed: list[defer.Deferred] = []
+        self._waiting: list[tuple[int, defer.Deferred[None]]] = []
+
+    def accepted(self, reactor, count: int, timeout: float = 5.0) -> defer.Deferred[None]:
+        """
+        A L{Deferred} firing once this factory has made C{count} connections
+        (at once if it has), or failing after C{timeout} seconds.
+        """
+        d: defer.Deferred[None] = defer.Deferred()
+        if len(self.made) >= count:
+            d.callback(None)
+        else:
+            self._waiting.append((count, d))
+        return within(reactor, d, timeout)
 
     def buildProtocol(self, addr):
         broker = super().buildProtocol(addr)
@@ -184,6 +325,14 @@ class RecordingFactory(PBServerFactory):
         broker.notifyOnDisconnect(lambda: closed.callback(None))
         self.made.append(broker)
         self.closed.append(closed)
+        waiting, self._waiting = self._waiting, []
+        for count, d in waiting:
+            if d.called:
+                continue  # timed out
+            if len(self.made) >= count:
+                d.callback(None)
+            else:
+                self._waiting.append((count, d))
         return broker
 
 

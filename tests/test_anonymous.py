@@ -4,10 +4,10 @@ UnauthorizedLogin, as a portal without an anonymous checker refuses it.
 """
 
 import pytest_twisted
-from conftest import eventually
+from conftest import counted, disconnection
 from twisted.cred.credentials import Anonymous, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.spread import pb
 
@@ -48,7 +48,7 @@ async def test_anonymous_login_is_refused_as_an_unauthorized_login(harness, log)
     assert [m for m in log.messages() if "anonymous" in m] == [
         f"login refused for an anonymous client from {peer} (realm limited): {REFUSED}"
     ]
-    assert served.registry.metrics.logins.labels("refused")._value.get() == 1
+    assert counted(served.registry.metrics, "logins", outcome="refused") == 1
     # The connection stays, and a login with a password goes through on it.
     perspective = await factory.login(UsernamePassword(b"alice", b"wonderland"))
     assert await perspective.callRemote("greet") == "<1>hello alice"
@@ -63,7 +63,7 @@ async def test_anonymous_logins_count_against_the_connection(harness, reactor, l
         failure = await refusal(factory.login(Anonymous()))
         assert localize(failure).check(AnonymousRefused)
     (broker,) = served.factory.made
-    await eventually(reactor, lambda: broker.disconnected)  # its tries are used up
+    await disconnection(reactor, broker)  # its tries are used up
     lines = [m for m in log.messages() if "anonymous" in m or "refused logins" in m]
     assert len(lines) == 2, lines  # the first refusal, and the close
     peer = f"127.0.0.1:{broker.transport.getPeer().port}"
@@ -89,11 +89,11 @@ async def test_anonymous_logins_penalise_their_address(harness, reactor, log):
     failure = await refusal(factory.login(Anonymous()))
     assert localize(failure).check(SourcePenalised)
     (broker,) = served.factory.made
-    await eventually(reactor, lambda: broker.disconnected)
+    await disconnection(reactor, broker)
     for _ in range(5):
         failure = await refusal(connectRaw(harness, served).login(Anonymous()))
         assert localize(failure).check(SourcePenalised)
-    await eventually(reactor, lambda: all(b.disconnected for b in served.factory.made))
+    await defer.gatherResults([disconnection(reactor, b) for b in served.factory.made])
     peer = f"127.0.0.1:{broker.transport.getPeer().port}"
     assert [m for m in log.messages() if "127.0.0.1" in m and "starting" not in m] == [
         f"login refused for an anonymous client from {peer} (realm cache): {REFUSED}",

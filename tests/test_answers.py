@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from conftest import eventually
+from conftest import Arrivals, eventually
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer
 from twisted.spread import pb, util
@@ -51,7 +51,7 @@ class PickyMind(pb.Referenceable):
     """
 
     def __init__(self) -> None:
-        self.calls: list[str] = []
+        self.calls = Arrivals()
 
     def remote_notifyGreeting(self, text: str) -> Thing:
         self.calls.append(text)
@@ -85,8 +85,9 @@ async def test_pushes_answered_with_what_the_server_refuses_keep_the_connection(
     other = await served.login("alice")
     for _ in range(3):
         await other.callRemote("greet")
-    await eventually(harness.reactor, lambda: len(picky.calls) == 4)
+    await picky.calls.waitFor(harness.reactor, 4)
     (session,) = [s for s in served.registry.sessionsOf("alice") if s.mind is not None]
+    # The answers' arrival fires nothing on the server: polled.
     await eventually(harness.reactor, lambda: session.client.unanswered == 0)
     assert first.connected and session.active
     assert picky.calls == ["opened", "<1>hello alice", "<2>hello alice", "<3>hello alice"]
@@ -103,7 +104,9 @@ async def test_pushes_answered_with_what_the_server_refuses_keep_the_connection(
     second = PickyMind()
     await served.login("alice", mind=second)
     await served.login("alice")
-    await eventually(harness.reactor, lambda: "opened" in second.calls)
+    await second.calls.waitFor(harness.reactor)
+    assert "opened" in second.calls
+    # A log line, after the answer: polled.
     await eventually(
         harness.reactor, lambda: len([m for m in log.messages() if "client answered" in m]) == 2
     )

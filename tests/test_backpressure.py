@@ -156,6 +156,7 @@ async def test_nothing_is_decoded_or_read_while_the_write_buffer_is_full(reactor
     assert transport.producerState == "paused", "reading goes on"
     broker.resumeProducing()  # the buffer has drained
     assert not broker.writeBlocked
+    # Reading resumes a budget per reactor turn, telling nothing: polled.
     await eventually(reactor, lambda: len(broker.received) == 100)
     assert transport.producerState == "producing"
 
@@ -175,6 +176,7 @@ async def test_decoding_stops_after_the_message_that_fills_the_write_buffer(reac
     await task.deferLater(reactor, 0.05, lambda: None)
     assert len(broker.received) == 3  # no turn decodes the rest either
     broker.resumeProducing()
+    # Reading resumes a budget per reactor turn, telling nothing: polled.
     await eventually(reactor, lambda: len(broker.received) == 50)
 
 
@@ -237,7 +239,7 @@ async def test_a_client_that_does_not_read_is_not_read_from(harness, reactor, tl
     if tls:
         endpoint = endpoints.wrapClientTLS(clientTLS, endpoint)
     client = await endpoint.connect(protocol.Factory.forProtocol(lambda: Silent(calls)))
-    await eventually(reactor, lambda: len(factory.made) == 1)
+    await factory.accepted(reactor, 1)
     (broker,) = factory.made
     tcp = broker.transport.transport if tls else broker.transport
     tcp.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -261,6 +263,7 @@ async def test_a_client_that_does_not_read_is_not_read_from(harness, reactor, tl
     assert len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen < 2 * tcp.bufferSize
     assert len(broker._pending) < broker.readBudget + 2 * tcp.bufferSize
     client.transport.resumeProducing()  # the client reads again
+    # Decoding and reading resume over many turns, telling nothing: polled.
     await eventually(reactor, lambda: len(decoded) == calls, timeout=20)
     await eventually(reactor, lambda: not broker._paused and not broker.writeBlocked)
     client.transport.loseConnection()

@@ -13,7 +13,7 @@ import bcrypt
 import pytest
 import pytest_twisted
 import trustme
-from conftest import eventually
+from conftest import exited
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, endpoints, ssl, task
@@ -24,6 +24,7 @@ from twisted.spread import pb
 from pbrealms.checkers import PasswordFile, isHashed
 from pbrealms.client import ClientMind, connect
 from pbrealms.errors import BadCredentials, InsecureLogin, ServerBusy, localize
+from pbrealms.hasher import PasswordHasher
 from pbrealms.login import _LoginGate
 from pbrealms.tap import Options, makeService
 
@@ -185,7 +186,7 @@ async def test_pbrealms_client_over_tls(reactor, tlsServer, tmp_path):
     ]  # fmt: skip
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # The reactor serves it meanwhile.
-    await eventually(reactor, lambda: process.poll() is not None, timeout=30)
+    await exited(process, 30)
     out, err = process.communicate()
     assert process.returncode == 0, err
     assert out == "<1>hello carol\n"
@@ -259,9 +260,20 @@ async def test_the_hash_queue_is_bounded():
     hasher.stop()
 
 
-def test_the_dummy_hash_has_the_files_cost(hashedPasswd):
+@pytest_twisted.ensureDeferred
+async def test_the_dummy_hash_has_the_files_cost(hashedPasswd):
     checker = PasswordFile(str(hashedPasswd))  # its hashes have cost 4
-    assert checker._dummy.startswith(b"$2b$04$")
+    checked: list[bytes] = []
+
+    def run(password: bytes, hashed: bytes) -> defer.Deferred[bool]:
+        checked.append(hashed)
+        return defer.succeed(False)
+
+    checker.hasher = PasswordHasher(threads=1, run=run)
+    # An unknown user is checked against the dummy hash.
+    assert await avatarId(checker, b"mallory", b"c4r0l") is None
+    (dummy,) = checked
+    assert dummy.startswith(b"$2b$04$")
 
 
 def test_pbrealms_passwd_keeps_other_lines_and_the_files_mode(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 import pytest_twisted
-from conftest import eventually
+from conftest import Arrivals, counted, eventually
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
@@ -43,7 +43,7 @@ class FakeHash:
     """
 
     def __init__(self) -> None:
-        self.started: list[bytes] = []
+        self.started = Arrivals()  # the passwords checked, in order
         self.running: dict[bytes, defer.Deferred[bool]] = {}
 
     def __call__(self, password: bytes, hashed: bytes) -> defer.Deferred[bool]:
@@ -236,15 +236,16 @@ async def test_busy_counts_against_neither_the_connection_nor_the_source(
             await gate.callRemote("loginPassword", b"carol", b"c4r0l", None).addErrback(localize)
     assert not gate.broker.disconnected  # one try allowed, none used
     assert root.penalties.penalty("127.0.0.1") == 0
-    assert root.registry.metrics.logins.labels("busy")._value.get() == 3
-    assert root.registry.metrics.logins.labels("bad_credentials")._value.get() == 0
+    assert counted(root.registry.metrics, "logins", outcome="busy") == 3
+    assert counted(root.registry.metrics, "logins", outcome="bad_credentials") == 0
     # Asking again costs nothing: not one log line each, but a count now and then.
     (line,) = [m for m in log.messages() if "busy" in m]
     assert "1 answered busy" in line
 
     fake.finish(b"held")
     login = gate.callRemote("loginPassword", b"carol", b"c4r0l", None)
-    await eventually(reactor, lambda: b"c4r0l" in fake.running)
+    # The slot is free: carol's is the next check to start.
+    assert await fake.started.waitFor(reactor, 2) == [b"held", b"c4r0l"]
     fake.finish(b"c4r0l", True)
     assert isinstance(await login, pb.RemoteReference)
 
@@ -275,6 +276,7 @@ async def test_one_attacking_address_cannot_keep_another_out(reactor, harness, b
         harness.connectors.append(connector)
         attacks.append(defer.ensureDeferred(attack(factory)))
     try:
+        # The queue fills as the attacks arrive, telling nothing: polled.
         await eventually(reactor, lambda: hasher.pending >= hasher.maxPending)
         victim = f"tcp:host=127.0.0.1:port={port}:bindAddress=127.0.0.3"
         loggedIn, refusals, took = 0, Counter(), []

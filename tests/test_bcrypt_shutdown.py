@@ -16,7 +16,7 @@ from pathlib import Path
 
 import bcrypt
 import pytest_twisted
-from conftest import eventually
+from conftest import eventually, exited
 from processes import environment, stop
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -157,7 +157,7 @@ async def test_sigterm_with_checks_queued_exits_within_the_grace_and_2_s(reactor
 
         process.send_signal(signal.SIGTERM)
         started = time.monotonic()
-        await eventually(reactor, lambda: process.poll() is not None, timeout=GRACE + 4)
+        await exited(process, GRACE + 4)
         took = time.monotonic() - started
         await defer.DeferredList(logins)
         await session.disconnect()

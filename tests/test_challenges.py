@@ -76,6 +76,7 @@ async def test_a_connection_holds_at_most_a_few_unanswered_challenges(harness, r
     # Once the client lets them go, the connection gets challenges again.
     del calls, results, held, challenge, challenger
     gc.collect()
+    # Freed by the client's decrefs, which nothing reports: polled.
     await eventually(reactor, lambda: challengersOf(broker) == 0)
     assert broker.localObjectForID(b"root").challenges == 0
     bob = await factory.login(UsernamePassword(b"bob", b"builder"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 import trustme
-from conftest import RecordingFactory, Served, eventually
+from conftest import RecordingFactory, Served, exited
 from processes import environment, stop, waitFor
 from twisted.internet import endpoints, protocol, ssl, task
 from twisted.python.failure import Failure
@@ -272,7 +272,7 @@ async def test_pbrealms_client_with_an_untrusted_certificate(reactor, tlsServer,
     )
     try:
         # The reactor serves it meanwhile.
-        await eventually(reactor, lambda: process.poll() is not None, timeout=30)
+        await exited(process, 30)
         out, err = process.communicate()
     finally:
         stop(process)

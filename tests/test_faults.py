@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import pytest_twisted
-from conftest import USERS, eventually
+from conftest import USERS, ending, nextLogin
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer
 from twisted.spread import pb
@@ -215,8 +215,10 @@ async def test_many_logins_on_one_connection_leave_nothing_behind(harness, react
         perspective = await factory.login(UsernamePassword(b"alice", b"wonderland"))
         await perspective.callRemote("greet")
         assert len(broker.disconnects) == notifiers + 1
+        (session,) = served.registry.sessionsOf("alice")
         del perspective
-        await eventually(reactor, lambda: served.registry.countOf("alice") == 0)
+        await ending(reactor, session)
+        assert served.registry.countOf("alice") == 0
     # Nothing is left per login.
     assert len(broker.disconnects) == notifiers
     assert not broker._localCleanup
@@ -249,14 +251,17 @@ CLIENT = textwrap.dedent(
 async def test_client_process_killed(harness, reactor, log, realm):
     served = await harness.serve(realm, **({"maxPerUser": 1} if realm == "limited" else {}))
     port = str(served.port.getHost().port)
+    login = nextLogin(reactor, served.registry, 15)
     client = subprocess.Popen([sys.executable, "-c", CLIENT, port])
     try:
-        await eventually(reactor, lambda: served.registry.countOf("alice") == 1, timeout=15)
+        session = await login
+        assert served.registry.countOf("alice") == 1
         os.kill(client.pid, signal.SIGKILL)
     finally:
         client.kill()
         client.wait(10)
-    await eventually(reactor, lambda: served.registry.countOf("alice") == 0)
+    await ending(reactor, session)
+    assert served.registry.countOf("alice") == 0
     conn = await served.login("alice", mind=ClientMind())
     assert await conn.callRemote("greet") == "<1>hello alice"
     assert not log.errors()

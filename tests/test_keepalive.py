@@ -5,10 +5,12 @@ TCP keepalive on every accepted connection.
 
 from __future__ import annotations
 
+import gc
 import socket
+import weakref
 
 import pytest_twisted
-from conftest import eventually
+from conftest import counted, disconnection, ending
 from test_when_full import Events, silence
 from twisted.internet import defer, task
 
@@ -83,7 +85,7 @@ def test_a_silent_connection_is_dropped_one_interval_after_its_ping():
             healthy.answer()
             clock.advance(60)
         assert not fine.closed
-        assert registry.metrics.dropped.labels("keepalive")._value.get() == 2
+        assert counted(registry.metrics, "sessions_dropped", why="keepalive") == 2
     finally:
         keepalive.stopService()
     assert clock.getDelayedCalls() == []
@@ -133,8 +135,12 @@ def test_an_answered_connection_is_forgotten():
     session.close()
     connection.answer()
     keepalive.stopService()
-    assert keepalive._unanswered == set()
     assert connection.drops == 0
+    # The keepalive holds nothing of it: once the test lets go, it is gone.
+    gone = weakref.ref(connection)
+    del connection, session
+    gc.collect()
+    assert gone() is None
 
 
 @pytest_twisted.ensureDeferred
@@ -144,11 +150,13 @@ async def test_keepalive_drops_a_client_that_stops_answering(harness, reactor, l
     served.registry.observe(events)
     healthy = await served.login("alice")
     stuck = await served.login("alice")
+    stuckSession = served.registry.sessionsOf("alice")[1]
     silence(stuck)
     keepalive = Keepalive(served.registry, 0.3)
     keepalive.startService()
     try:
-        await eventually(reactor, lambda: served.registry.countOf("alice") == 1, timeout=3)
+        await ending(reactor, stuckSession, 3)
+        assert served.registry.countOf("alice") == 1
         reasons = [e[2] for e in events.seen if e[0] == "closed"]
         assert reasons == ["did not answer a keepalive ping within 0.3 s"]
         # The healthy one answers ping after ping, and stays.
@@ -158,7 +166,7 @@ async def test_keepalive_drops_a_client_that_stops_answering(harness, reactor, l
     finally:
         keepalive.stopService()
     assert any("alice did not answer a keepalive ping within 0.3 s" in m for m in log.messages())
-    await eventually(reactor, lambda: served.factory.made[1].disconnected)
+    await disconnection(reactor, served.factory.made[1])
     stuck.perspective.broker.transport.resumeProducing()
 
 

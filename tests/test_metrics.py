@@ -8,7 +8,7 @@ import re
 
 import pytest
 import pytest_twisted
-from conftest import USERS, eventually
+from conftest import USERS, Arrivals, nextLogout
 from twisted.internet import defer
 from twisted.web.client import Agent, readBody
 
@@ -76,12 +76,12 @@ async def test_metrics_move_with_logins_pushes_and_logouts(running, reactor):
     assert await m("pbrealms_sessions_open", realm="clock") == 0
     assert await m("pbrealms_connections_open") == 0
 
-    times: list[float] = []
-    first = await running.login(mind=ClientMind(times.append))
+    times = Arrivals()
+    first = await running.login(mind=ClientMind(times))
     await running.login("bob", mind=ClientMind())
     with pytest.raises(BadCredentials):
         await running.login(password="wrong", mind=ClientMind())
-    await eventually(reactor, lambda: len(times) >= 3)
+    await times.waitFor(reactor, 3)
 
     assert await m("pbrealms_logins_total", outcome="ok") == 2
     assert await m("pbrealms_logins_total", outcome="bad_credentials") == 1
@@ -94,11 +94,11 @@ async def test_metrics_move_with_logins_pushes_and_logouts(running, reactor):
     connections = await m("pbrealms_connections_open")
     assert connections in (2, 3)  # the refused one may still be closing
 
+    registry = running.server.getServiceNamed("graceful-shutdown").registry
+    logout = nextLogout(reactor, registry)
     await first.disconnect()
-    await eventually(
-        reactor,
-        lambda: len(list(running.server.getServiceNamed("graceful-shutdown").registry)) == 1,
-    )
+    await logout
+    assert len(list(registry)) == 1
     assert await m("pbrealms_sessions_open", realm="clock") == 1
     assert await m("pbrealms_session_duration_seconds_count") == 1
 

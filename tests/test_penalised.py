@@ -5,7 +5,7 @@ server little: one answer, a close, no log line per connection.
 
 import pytest
 import pytest_twisted
-from conftest import RecordingFactory, Served, eventually
+from conftest import RecordingFactory, Served, disconnection
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, error, protocol, task
@@ -85,7 +85,7 @@ async def test_a_penalised_address_is_told_why_and_what_to_do(penalised, harness
     assert failure.getErrorMessage() == MESSAGE
     assert isinstance(localize(failure).value, SourcePenalised)
     (broker,) = served.factory.made
-    await eventually(reactor, lambda: broker.disconnected)  # then closed
+    await disconnection(reactor, broker)  # then closed
     assert served.registry.countOf("alice") == 0
     assert served.root.unauthenticated == {}
     # The one line of the penalty, when it began; none for the connection.
@@ -107,7 +107,7 @@ async def test_nothing_after_the_first_call_is_acted_on(penalised, harness, reac
     assert all(f.check(pb.PBConnectionLost) for (f,) in rest)
     assert served.registry.countOf("alice") == 0
     (broker,) = served.factory.made
-    await eventually(reactor, lambda: broker.disconnected)
+    await disconnection(reactor, broker)
     assert served.root.unauthenticated == {}
 
 
@@ -135,7 +135,8 @@ async def test_a_flood_from_a_penalised_address_costs_little(penalised, harness,
         await protocol.ClientCreator(reactor, Silent).connectTCP(
             "127.0.0.1", port, bindAddress=(ATTACKER, 0)
         )
-    await eventually(reactor, lambda: len(served.factory.made) == 50)
+    await served.factory.accepted(reactor, 50)
+    assert len(served.factory.made) == 50
     accepted = reactor.seconds()
     logins = [
         outcome(connectFrom(harness, served, ATTACKER).login(UsernamePassword(b"alice", b"x")))
@@ -160,7 +161,7 @@ async def test_a_flood_from_a_penalised_address_costs_little(penalised, harness,
     closedAt = await defer.gatherResults(silent)
     assert all(0.4 < t - accepted < 3 for t in closedAt), [t - accepted for t in closedAt]
     attackers = [b for b in served.factory.made if b.transport.getPeer().host == ATTACKER]
-    await eventually(reactor, lambda: all(b.disconnected for b in attackers))
+    await defer.gatherResults([disconnection(reactor, b) for b in attackers])
     assert served.root.unauthenticated == {}
     assert served.registry.countOf("alice") == 1  # the canary's
     # No line for any of the 200: the one line is the penalty's, logged

@@ -4,7 +4,7 @@ Each realm's behaviour on the wire, over real loopback TCP.
 
 import pytest
 import pytest_twisted
-from conftest import eventually
+from conftest import Arrivals, ending, eventually, nextLogout
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.spread import pb
@@ -46,6 +46,7 @@ async def test_cache_serves_one_avatar_per_user(harness):
     await served.login("alice")
     await served.login("alice")
     await served.login("bob")
+    assert served.realm.cachedUsers() == ["alice", "bob"]
     alice = served.realm.avatarFor("alice", None)
     assert served.realm.avatarFor("alice", None) is alice
     assert served.realm.avatarFor("bob", None) not in (alice, None)
@@ -75,6 +76,7 @@ async def test_a_refused_login_that_wants_no_answer_logs_no_traceback(harness, r
     root = await factory.getRootObject()
     challenge, challenger = await root.callRemote("login", b"alice")
     challenger.callRemote("respond", pb.respond(challenge, b"wrong"), None, pbanswer=False)
+    # A log line, with no event of its own: polled.
     await eventually(reactor, lambda: any("login refused" in m for m in log.messages()))
     import gc
 
@@ -109,15 +111,19 @@ async def test_tracking_counts_open_sessions_on_every_path(harness, reactor):
     assert (await first.callRemote("status"))["sessions"] == 2
 
     # A clean disconnect.
+    secondSession = served.registry.sessionsOf("alice")[1]
     await second.disconnect()
-    await eventually(reactor, lambda: served.registry.countOf("alice") == 1)
+    await ending(reactor, secondSession)
+    assert served.registry.countOf("alice") == 1
     assert (await first.callRemote("status"))["sessions"] == 1
 
     # An aborted connection.
     third = await served.login("alice")
     assert (await first.callRemote("status"))["sessions"] == 2
+    thirdSession = served.registry.sessionsOf("alice")[1]
     third.perspective.broker.transport.abortConnection()
-    await eventually(reactor, lambda: served.registry.countOf("alice") == 1)
+    await ending(reactor, thirdSession)
+    assert served.registry.countOf("alice") == 1
     assert (await first.callRemote("status"))["sessions"] == 1
 
 
@@ -132,8 +138,10 @@ async def test_dropping_the_avatar_reference_ends_the_session(harness, reactor):
     assert await perspective.callRemote("greet") == "<1>hello alice"
     assert served.registry.countOf("alice") == 1
     broker = perspective.broker
+    (session,) = served.registry.sessionsOf("alice")
     del perspective  # the client sends a decref
-    await eventually(reactor, lambda: served.registry.countOf("alice") == 0)
+    await ending(reactor, session)
+    assert served.registry.countOf("alice") == 0
     # The connection is still open, and another login on it works.
     assert not broker.disconnected
     again = await factory.login(UsernamePassword(b"alice", b"wonderland"))
@@ -179,8 +187,10 @@ async def test_limited_admits_exactly_n_of_2n_concurrent_logins(harness, reactor
     assert all(f.check(TooManyConnections) for f in refused)
     assert served.registry.countOf("alice") == n
 
+    logout = nextLogout(reactor, served.registry)
     await admitted[0].disconnect()
-    await eventually(reactor, lambda: served.registry.countOf("alice") == n - 1)
+    await logout
+    assert served.registry.countOf("alice") == n - 1
     late = await served.login("alice")
     assert await late.callRemote("greet") == "<1>hello alice"
     with pytest.raises(TooManyConnections):
@@ -232,9 +242,9 @@ async def test_tracebacks_never_cross_the_wire(harness):
 @pytest_twisted.ensureDeferred
 async def test_clock_pushes_the_time_over_tcp(harness, reactor):
     served = await harness.serve("clock", period=0.05)
-    times: list[float] = []
-    conn = await served.login("alice", mind=ClientMind(times.append))
-    await eventually(reactor, lambda: len(times) >= 3)
+    times = Arrivals()
+    conn = await served.login("alice", mind=ClientMind(times))
+    await times.waitFor(reactor, 3)
     assert times == sorted(times)
     assert all(abs(t - reactor.seconds()) < 5 for t in times)
     assert await conn.callRemote("setperiod", 0.1) == 0.1
@@ -268,11 +278,13 @@ async def test_clock_refuses_a_login_without_a_mind(harness, log):
 @pytest_twisted.ensureDeferred
 async def test_clock_client_that_vanished_causes_no_error(harness, reactor, log):
     served = await harness.serve("clock", period=0.05)
-    times: list[float] = []
-    conn = await served.login("alice", mind=ClientMind(times.append))
-    await eventually(reactor, lambda: len(times) >= 1)
+    times = Arrivals()
+    conn = await served.login("alice", mind=ClientMind(times))
+    await times.waitFor(reactor)
+    (session,) = served.registry.sessionsOf("alice")
     conn.perspective.broker.transport.abortConnection()
-    await eventually(reactor, lambda: served.registry.countOf("alice") == 0)
+    await ending(reactor, session)
+    assert served.registry.countOf("alice") == 0
     assert not log.errors()
 
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import pytest_twisted
-from conftest import RecordingFactory, Served, eventually
+from conftest import Arrivals, RecordingFactory, Served, eventually
 from twisted.internet import defer, endpoints, error, task
 from twisted.python.failure import Failure
 
@@ -493,7 +493,7 @@ def realSession(reactor, served, password="wonderland", mind=None, **kw) -> Reco
 async def test_comes_back_after_the_server_restarts_and_subscribes_again(reactor, harness):
     served = await harness.serve("clock", period=60.0)
     number = served.port.getHost().port
-    ticks: list[float] = []
+    ticks = Arrivals()
     logins: list = []
     lost: list[Failure] = []
 
@@ -505,13 +505,13 @@ async def test_comes_back_after_the_server_restarts_and_subscribes_again(reactor
     session = realSession(
         reactor,
         served,
-        mind=ClientMind(onTime=ticks.append),
+        mind=ClientMind(onTime=ticks),
         onLogin=subscribe,
         onLost=lambda reason, delay: lost.append(reason),
     )
     stopped = session.start()
     try:
-        await eventually(reactor, lambda: len(ticks) >= 3)
+        await ticks.waitFor(reactor, 3)
         assert len(logins) == 1
 
         # The server goes away, and nothing listens for a while.
@@ -520,6 +520,7 @@ async def test_comes_back_after_the_server_restarts_and_subscribes_again(reactor
             broker.transport.abortConnection()
         await defer.gatherResults(served.factory.closed)
         harness.servers.remove(served)
+        # The condition is which failure follows the loss: polled.
         await eventually(reactor, lambda: any(r.check(error.ConnectionRefusedError) for r in lost))
         assert lost[0].check(error.ConnectionLost)
         assert session.connection is None
@@ -530,7 +531,9 @@ async def test_comes_back_after_the_server_restarts_and_subscribes_again(reactor
         port = reactor.listenTCP(number, factory, interface="127.0.0.1")
         harness.servers.append(Served(harness, root, factory, port))
         ticks.clear()
-        await eventually(reactor, lambda: len(logins) == 2 and len(ticks) >= 3)
+        # Three ticks need the new period, which the second login asks for.
+        await ticks.waitFor(reactor, 3)
+        assert len(logins) == 2
         assert session.connection is logins[1]
         assert session.connection.connected
         assert not stopped.called
@@ -545,16 +548,18 @@ async def test_kicked_by_a_newer_login_stops_with_the_reason(reactor, harness):
     served = await harness.serve("sessions", maxPerUser=1, whenFull="replace-oldest")
     kicks: list[str] = []
     lost: list = []
+    logins = Arrivals()
     session = realSession(
         reactor,
         served,
         mind=ClientMind(onKicked=kicks.append),
+        onLogin=logins,
         onLost=lambda reason, delay: lost.append(reason),
     )
     stopped = session.start()
     try:
-        await eventually(reactor, lambda: session.connection is not None)
-        first = session.connection
+        (first,) = await logins.waitFor(reactor)
+        assert session.connection is first
         newer = await served.login("alice", mind=ClientMind())
         with pytest.raises(Kicked) as kicked:
             await stopped
@@ -592,21 +597,22 @@ async def test_a_wrong_password_stops_without_trying_again(reactor, harness):
 async def test_too_many_connections_tries_again_until_the_slot_frees(reactor, harness):
     served = await harness.serve("sessions", maxPerUser=1)
     holder = await served.login("alice")
-    refusals: list[Failure] = []
-    logins: list = []
+    refusals = Arrivals()
+    logins = Arrivals()
     session = realSession(
         reactor,
         served,
-        onLogin=logins.append,
-        onLost=lambda reason, delay: refusals.append(reason),
+        onLogin=logins,
+        onLost=lambda reason, delay: refusals(reason),
     )
     stopped = session.start()
     try:
-        await eventually(reactor, lambda: len(refusals) >= 3)
+        await refusals.waitFor(reactor, 3)
         assert all(r.check(TooManyConnections) for r in refusals)
         assert session.connection is None
         await holder.disconnect()
-        await eventually(reactor, lambda: session.connection is not None)
+        await logins.waitFor(reactor)
+        assert session.connection is not None
         assert logins == [session.connection]
         status = await session.connection.callRemote("status")
         assert (status["user"], status["sessions"]) == ("alice", 1)
@@ -627,20 +633,21 @@ async def test_a_penalised_address_comes_back_once_the_penalty_drained(reactor, 
     base = harness.makeRoot("tracking")
     root = LoginRoot(base.checker, base.realm, base.registry, penalties=penalties)
     served = await harness.serve(root=root)
-    lost: list = []
+    lost = Arrivals()
+    logins = Arrivals()
     session = ReconnectingSession(
         clock,
         endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", served.port.getHost().port),
         "alice",
         "wonderland",
         timeout=5.0,
-        onLost=lambda reason, delay: lost.append((reason, delay)),
+        onLogin=logins,
+        onLost=lambda reason, delay: lost((reason, delay)),
         jitter=lambda: 1.0,
     )
     stopped = session.start()
     try:
-        await eventually(reactor, lambda: lost)
-        ((reason, delay),) = lost
+        ((reason, delay),) = await lost.waitFor(reactor)
         assert reason.check(SourcePenalised)
         assert str(reason.value) == "too many failed logins from this address: try again in 15 s"
         assert delay == 15.0
@@ -648,7 +655,9 @@ async def test_a_penalised_address_comes_back_once_the_penalty_drained(reactor, 
         await task.deferLater(reactor, 0.1, lambda: None)
         assert len(served.factory.made) == 1  # no attempt before its time
         clock.advance(0.1)
-        await eventually(reactor, lambda: session.connection is not None)
+        await logins.waitFor(reactor)
+        assert session.connection is not None
+        assert logins == [session.connection]
         assert len(served.factory.made) == 2
         assert served.registry.countOf("alice") == 1
         assert not stopped.called

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest_twisted
-from conftest import USERS, eventually
+from conftest import USERS, counted, disconnection, eventually, within
 from test_sessions_realm import RecordingMind
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, task
@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 
 from pbrealms.errors import TooManyConnections, localize
-from pbrealms.sessions import MAX_WAITING_PER_USER, ConnectionGone, SessionRegistry
+from pbrealms.sessions import MAX_WAITING_PER_USER, ConnectionGone, Session, SessionRegistry
 from pbrealms.whenfull import REPLACE_OLDEST, REPLACE_STALE
 
 #: Logins attempted while a replacement waits, then abandoned.
@@ -58,6 +58,31 @@ def stalled(registry: SessionRegistry) -> tuple[FakeConnection, list]:
     return old, outcome
 
 
+def assertNoTurnKept(registry: SessionRegistry, user: str, connection=FakeConnection) -> list:
+    """
+    Assert that nothing holds or keeps a turn of C{user}'s: with C{user}'s
+    sessions closed, as many logins as the limit allows open at once,
+    without taking a turn (one kept would hold the first back until it
+    logged in), so that one more, with nothing logged in to replace, is
+    refused at once rather than queued behind them.
+
+    @param connection: makes the connection of each login.
+    @return: the sessions opened, still logging in.
+    """
+    for session in registry.sessionsOf(user):
+        session.close()
+    outcomes: list = []
+    for _ in range(registry.maxPerUser):
+        registry.admit(user, "10.0.0.9:1", None, connection()).addBoth(outcomes.append)
+    assert all(isinstance(o, Session) for o in outcomes), outcomes
+    assert len(outcomes) == registry.maxPerUser
+    refused: list = []
+    registry.admit(user, "10.0.0.9:2", None, connection()).addBoth(refused.append)
+    assert len(refused) == 1 and isinstance(refused[0], Failure), refused
+    refused[0].trap(TooManyConnections)
+    return outcomes
+
+
 def test_thousands_of_abandoned_waiters_are_released_without_recursion():
     waiters = 5000
     registry = SessionRegistry(
@@ -78,8 +103,11 @@ def test_thousands_of_abandoned_waiters_are_released_without_recursion():
 
     assert len(outcomes) == waiters
     assert all(isinstance(o, Failure) and o.check(ConnectionGone) for o in outcomes)
-    assert not registry._replacing  # nothing holds alice's turn
-    # The next login replacing alice's goes at once: it pings the session.
+    assert [s.id for s in registry.sessionsOf("alice")] == [session.id]
+    # Nothing holds alice's turn: the next login replacing alice's goes at
+    # once, pinging the session.
+    (session,) = assertNoTurnKept(registry, "alice")
+    registry.activate(session)
     holder = session.connection
     later: list = []
     registry.admit("alice", "10.0.0.4:1", None, FakeConnection()).addBoth(later.append)
@@ -106,7 +134,11 @@ def test_logins_beyond_the_cap_are_refused_at_once_and_gone_ones_make_room():
     (gone,) = outcomes["first"]
     assert gone.check(ConnectionGone)
     assert outcomes["fourth"] == []
-    assert [c for _, c in registry._replacing["alice"].waiting] == [second, fourth]
+    # Two wait, the cap: one more is refused at once.
+    beyond: list = []
+    registry.admit("alice", "p", None, FakeConnection()).addBoth(beyond.append)
+    ((refused,),) = [beyond]
+    assert refused.check(TooManyConnections)
 
     # In order: the replacement, then second and fourth, each replacing the
     # one before once it has logged in and does not answer.
@@ -118,7 +150,7 @@ def test_logins_beyond_the_cap_are_refused_at_once_and_gone_ones_make_room():
         (current,) = outcomes[name]
         assert registry.sessionsOf("alice") == [current]
     registry.activate(current)
-    assert not registry._replacing
+    assertNoTurnKept(registry, "alice")
 
 
 def test_a_cancelled_waiter_leaves_the_queue():
@@ -127,25 +159,29 @@ def test_a_cancelled_waiter_leaves_the_queue():
     waiting = registry.admit("alice", "p", None, FakeConnection())
     waiting.addErrback(lambda f: f.trap(defer.CancelledError))
     waiting.cancel()
-    assert registry._replacing["alice"].waiting == []
+    # The cancelled login left the queue: it does not take its turn when
+    # the replacement ends.
     old.pings[0].callback(False)
-    registry.activate(replacing[0])
-    assert not registry._replacing
+    (session,) = replacing
+    registry.activate(session)
+    assert [s.id for s in registry.sessionsOf("alice")] == [session.id]
+    assertNoTurnKept(registry, "alice")
 
 
-def attempt(served, reactor, mind) -> tuple[object, list]:
+def attempt(served, reactor, mind) -> tuple[object, list, defer.Deferred[None]]:
     """
     Start a login of alice on a connection of its own.
 
-    @return: its connector, and a list that receives the login's outcome.
+    @return: its connector, a list that receives the login's outcome, and a
+        L{Deferred} firing once it has.
     """
     factory = pb.PBClientFactory()
     connector = reactor.connectTCP("127.0.0.1", served.port.getHost().port, factory)
     served.harness.connectors.append(connector)
     credentials = UsernamePassword(b"alice", USERS["alice"].encode())
     outcome: list = []
-    factory.login(credentials, client=mind).addErrback(localize).addBoth(outcome.append)
-    return connector, outcome
+    done = factory.login(credentials, client=mind).addErrback(localize).addBoth(outcome.append)
+    return connector, outcome, done
 
 
 class StallingMind(RecordingMind):
@@ -168,37 +204,46 @@ async def test_a_thousand_abandoned_logins_behind_a_replacement_leave_the_user_f
 ):
     served = await harness.serve("sessions", maxPerUser=1, whenFull=REPLACE_OLDEST, pingTimeout=60)
     registry = served.registry
-    metrics = registry.metrics.logins
     old = StallingMind()
     await served.login("alice", mind=old)
     # A login replacing it waits for its answer to notifyKicked.
-    _, replacing = attempt(served, reactor, RecordingMind())
-    await eventually(reactor, lambda: old.of("kicked"))
+    _, replacing, replaced = attempt(served, reactor, RecordingMind())
+    await old.waitFor(reactor, "kicked")
 
-    def seen() -> int:
-        turns = registry._replacing.get("alice")
-        return metrics.labels("too_many")._value.get() + len(turns.waiting if turns else ())
+    # Count the logins reaching the registry: each waits or is refused at once.
+    admitted = 0
+    admit = registry.admit
 
+    def counting(*args, **kw):
+        nonlocal admitted
+        admitted += 1
+        return admit(*args, **kw)
+
+    registry.admit = counting
     mind = RecordingMind()
-    attempts: list[tuple[object, list]] = []
+    attempts: list[tuple[object, list, defer.Deferred[None]]] = []
     # In waves smaller than the listen backlog (50): a SYN beyond it waits
     # a second to be sent again.
     for wave in range(0, ATTEMPTS, 40):
         attempts += [attempt(served, reactor, mind) for _ in range(min(40, ATTEMPTS - wave))]
         launched = len(attempts)
-        await eventually(reactor, lambda n=launched: seen() == n, timeout=20)
-    # The clients refused have heard so.
-    tooMany = metrics.labels("too_many")._value.get()
-    await eventually(reactor, lambda: sum(bool(o) for _, o in attempts) == tooMany)
-    refused = [o[0] for _, o in attempts if o]
+        # Logins over many connections: no one event tells they all came.
+        await eventually(reactor, lambda n=launched: admitted == n, timeout=20)
+    # The clients refused have heard so (so many answers: polled).
+    tooMany = counted(registry.metrics, "logins", outcome="too_many")
+    await eventually(reactor, lambda: sum(bool(o) for _, o, _ in attempts) == tooMany)
+    refused = [o[0] for _, o, _ in attempts if o]
     assert all(isinstance(r, Failure) and r.check(TooManyConnections) for r in refused)
 
     # Every one of them gives up; then the replacement goes through.
-    for connector, _ in attempts:
+    waiting = served.factory.made[2:]  # after the old session's and the replacing one's
+    assert len(waiting) == ATTEMPTS
+    for connector, _, _ in attempts:
         connector.disconnect()
-    await eventually(reactor, lambda: sum(not b.disconnected for b in served.factory.made) == 2)
+    await within(reactor, defer.gatherResults([disconnection(reactor, b) for b in waiting]))
+    assert sum(not b.disconnected for b in served.factory.made) == 2
     old.answer.callback(None)
-    await eventually(reactor, lambda: replacing)
+    await within(reactor, replaced)
     (replacer,) = replacing
     assert await replacer.callRemote("greet") == "<1>hello alice"
 
@@ -207,7 +252,6 @@ async def test_a_thousand_abandoned_logins_behind_a_replacement_leave_the_user_f
     latest = await served.login("alice", mind=RecordingMind())
     assert reactor.seconds() - started < 1.0
     assert (await latest.callRemote("greet")).endswith("hello alice")
-    assert not registry._replacing
 
     # Every attempt is accounted for, in the log as in the metrics.
     messages = log.messages()
@@ -215,5 +259,7 @@ async def test_a_thousand_abandoned_logins_behind_a_replacement_leave_the_user_f
     abandoned = [m for m in messages if "'alice'" in m and "abandoned" in m]
     assert len(refused) == ATTEMPTS - MAX_WAITING_PER_USER
     assert (len(refusals), len(abandoned)) == (len(refused), MAX_WAITING_PER_USER)
-    assert metrics.labels("too_many")._value.get() == len(refused)
-    assert metrics.labels("abandoned")._value.get() == MAX_WAITING_PER_USER
+    assert counted(registry.metrics, "logins", outcome="too_many") == len(refused)
+    assert counted(registry.metrics, "logins", outcome="abandoned") == MAX_WAITING_PER_USER
+    registry.admit = admit
+    assertNoTurnKept(registry, "alice", lambda: None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from conftest import eventually
+from conftest import counted, eventually, within
 from twisted.internet import defer, task
 from twisted.spread import pb
 
@@ -24,9 +24,33 @@ class RecordingMind(pb.Referenceable):
 
     def __init__(self) -> None:
         self.pushes: list[tuple[str, object]] = []
+        self._waiting: list[tuple[str, int, defer.Deferred[list]]] = []
 
     def _record(self, method: str, argument: object) -> None:
         self.pushes.append((method, argument))
+        waiting, self._waiting = self._waiting, []
+        for entry in waiting:
+            self._check(*entry)
+
+    def _check(self, method: str, count: int, d: defer.Deferred[list]) -> None:
+        if d.called:
+            return  # timed out
+        seen = self.of(method)
+        if len(seen) >= count:
+            d.callback(seen)
+        else:
+            self._waiting.append((method, count, d))
+
+    def waitFor(
+        self, reactor, method: str, count: int = 1, timeout: float = 5.0
+    ) -> defer.Deferred[list]:
+        """
+        A L{Deferred} firing with L{of}C{(method)} once it holds C{count}
+        pushes (at once if it does), or failing after C{timeout} seconds.
+        """
+        d: defer.Deferred[list] = defer.Deferred()
+        self._check(method, count, d)
+        return within(reactor, d, timeout)
 
     def remote_notifySessionOpened(self, info: dict) -> None:
         self._record("opened", info)
@@ -57,19 +81,17 @@ async def test_openings_reach_exactly_the_other_sessions_of_the_user(harness, re
     await served.login("bob", mind=minds["bob"])
     b = await served.login("alice", mind=minds["b"])
     bId = await idOf(b)
-    await eventually(reactor, lambda: minds["a"].of("opened"))
-    (opened,) = minds["a"].of("opened")
+    (opened,) = await minds["a"].waitFor(reactor, "opened")
     assert opened["id"] == bId
     assert opened["peer"].startswith("127.0.0.1:")
     assert set(opened) == {"id", "peer", "since"}
     # A session without a mind is announced too, and told nothing.
     await served.login("alice")
-    await eventually(reactor, lambda: len(minds["b"].of("opened")) == 1)
-    await eventually(reactor, lambda: len(minds["a"].of("opened")) == 2)
+    await minds["b"].waitFor(reactor, "opened")
+    await minds["a"].waitFor(reactor, "opened", 2)
 
     await b.disconnect()
-    await eventually(reactor, lambda: minds["a"].of("closed"))
-    (closed,) = minds["a"].of("closed")
+    (closed,) = await minds["a"].waitFor(reactor, "closed")
     assert closed["id"] == bId
     assert closed["reason"] == "disconnected"
     # A round trip on every connection left: anything pushed has arrived.
@@ -86,7 +108,8 @@ async def test_a_greeting_is_pushed_to_the_other_sessions(harness, reactor):
     bobMind = RecordingMind()
     bob = await served.login("bob", mind=bobMind)
     assert await conns[1].callRemote("greet") == "<1>hello alice"
-    await eventually(reactor, lambda: minds[0].of("greeting") and minds[2].of("greeting"))
+    await minds[0].waitFor(reactor, "greeting")
+    await minds[2].waitFor(reactor, "greeting")
     assert minds[0].of("greeting") == minds[2].of("greeting") == ["<1>hello alice"]
     for conn in (*conns, bob):
         await conn.callRemote("status")
@@ -149,11 +172,11 @@ async def test_pushes_to_a_client_that_stops_reading_are_bounded(harness, reacto
     stuck.perspective.broker.transport.pauseProducing()
     for _ in range(200):
         await greeter.callRemote("greet")
-    pushes = served.registry.metrics.pushes
-    assert pushes.labels("skipped")._value.get() >= 200 - MAX_UNANSWERED
+    assert counted(served.registry.metrics, "pushes", result="skipped") >= 200 - MAX_UNANSWERED
     session = served.registry.sessionsOf("alice")[1]
     assert session.client.unanswered == MAX_UNANSWERED
     stuck.perspective.broker.transport.resumeProducing()
+    # No event tells of the answers' arrival: the count is polled.
     await eventually(reactor, lambda: session.client.unanswered == 0)
 
 

@@ -7,7 +7,7 @@ connection logs nothing, and a penalty that drained lets the login through.
 
 import pytest
 import pytest_twisted
-from conftest import RecordingFactory, Served, eventually
+from conftest import RecordingFactory, Served, disconnection, eventually
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, endpoints, interfaces, protocol, task
 from twisted.spread import banana, pb
@@ -125,7 +125,7 @@ async def test_connections_opened_before_a_penalty_are_turned_away_at_their_next
         await refused(challenger.callRemote("respond", response, None)), SourcePenalised
     )
     assert checker.checked == 3
-    await eventually(reactor, lambda: all(b.disconnected for b in served.factory.made))
+    await defer.gatherResults([disconnection(reactor, b) for b in served.factory.made])
     # The penalty's line, and none for the connections turned away.
     lines = [m for m in log.messages() if ATTACKER in m]
     penalty = f"refusing logins from {ATTACKER} for at least 15 s: too many failed logins"
@@ -264,11 +264,12 @@ async def test_a_closing_tls_connection_reads_a_bounded_amount(
     served.factory.maxMessageBytes = 50_000
     before = len(log)
     client = await hostileTLS(harness, served, clientTLS, data, junk=True)
-    await eventually(reactor, lambda: len(served.factory.made) == 1)
+    await served.factory.accepted(reactor, 1)
     (broker,) = served.factory.made
+    # The broker tells nothing when it refuses: polled.
     await eventually(reactor, lambda: broker._refused)
     clock.advance(0)  # the close, once the refusal is written
-    await eventually(reactor, lambda: broker.disconnected)
+    await disconnection(reactor, broker)
     assert broker._discarded < broker.maxMessageBytes + 2 * 65536
     await client.lost
     lines = [m for m in log.messages()[before:] if "127.0.0.1:" in m]
@@ -291,8 +292,9 @@ async def test_a_closing_tls_connection_is_aborted_after_the_close_timeout(
     served.factory.maxMessageBytes = 50_000
     before = len(log)
     client = await hostileTLS(harness, served, clientTLS, data, junk=False)
-    await eventually(reactor, lambda: len(served.factory.made) == 1)
+    await served.factory.accepted(reactor, 1)
     (broker,) = served.factory.made
+    # The broker tells nothing when it refuses: polled.
     await eventually(reactor, lambda: broker._refused)
     clock.advance(0)
     await task.deferLater(reactor, 0.1, lambda: None)
@@ -302,7 +304,7 @@ async def test_a_closing_tls_connection_is_aborted_after_the_close_timeout(
     assert not broker.disconnected
     clock.advance(0.2)
     # At once: the timer is the registry's clock's, not the reactor's.
-    await eventually(reactor, lambda: broker.disconnected, timeout=1.0)
+    await disconnection(reactor, broker, 1.0)
     client.transport.resumeProducing()  # only a reading client sees the end
     await client.lost
     clock.advance(60)  # the login timeout, long past: nothing more

@@ -170,12 +170,14 @@ async def test_beyond_the_budget_the_connection_holding_the_most_is_closed(harne
     for count in (10_000, 2_000):
         client = await protocol.ClientCreator(reactor, Sender, count).connectTCP("127.0.0.1", port)
         clients.append(client)
+        # The budget fills as data arrives, telling nothing: polled.
         await eventually(reactor, lambda count=count: budget.total > count * 57)
     assert not any(c.closed.called for c in clients)
     held = budget.total
     third = await protocol.ClientCreator(reactor, Sender, 5_000).connectTCP("127.0.0.1", port)
     clients.append(third)
     await clients[0].closed
+    # The budget fills as data arrives, telling nothing: polled.
     await eventually(reactor, lambda: budget.total > 5_000 * 57)
     assert not clients[1].closed.called and not third.closed.called
     assert budget.total < budget.limit

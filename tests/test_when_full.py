@@ -10,7 +10,8 @@ import re
 
 import pytest
 import pytest_twisted
-from conftest import USERS, eventually
+from conftest import USERS, counted, disconnection, eventually, within
+from test_replace_queue import assertNoTurnKept
 from test_sessions_realm import RecordingMind
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer, task
@@ -72,6 +73,23 @@ def silence(conn) -> None:
     conn.perspective.broker.transport.pauseProducing()
 
 
+def replacing(reactor, registry) -> defer.Deferred[Session]:
+    """
+    A L{Deferred} firing with the session a login sets out to replace, once
+    the registry's policy starts making room for it.
+    """
+    policy = registry.policy
+    started: defer.Deferred[Session] = defer.Deferred()
+
+    def makeRoom(registry, oldest, peer, connection):
+        del policy.makeRoom  # one replacement watched: the class's method again
+        started.callback(oldest)
+        return type(policy).makeRoom(policy, registry, oldest, peer, connection)
+
+    policy.makeRoom = makeRoom
+    return within(reactor, started)
+
+
 @pytest.mark.parametrize("realm", LIMITING)
 @pytest_twisted.ensureDeferred
 async def test_refuse_keeps_the_old_sessions(harness, realm):
@@ -110,7 +128,7 @@ async def test_replace_oldest_tells_and_ends_the_oldest_before_admitting(
     assert events.seen.index(("closed", oldId, "was replaced by a newer login")) < (
         events.seen.index(("opened", newId))
     )
-    await eventually(reactor, lambda: old.perspective.broker.disconnected)
+    await disconnection(reactor, old.perspective.broker)
     with pytest.raises((pb.PBConnectionLost, pb.DeadReferenceError)):
         await old.callRemote("greet")
     assert await middle.callRemote("greet") == "<1>hello alice"
@@ -118,7 +136,7 @@ async def test_replace_oldest_tells_and_ends_the_oldest_before_admitting(
     assert middleMind.of("kicked") == []
     assert served.registry.countOf("alice") == 2
     assert events.closes(oldId) == ["was replaced by a newer login"]
-    assert served.registry.metrics.dropped.labels("replaced")._value.get() == 1
+    assert counted(served.registry.metrics, "sessions_dropped", why="replaced") == 1
     lines = [m for m in log.messages() if "replaced" in m]
     assert len(lines) == 1
     assert re.fullmatch(re.escape(replaced) + rf" after \d+\.\d s \(realm {realm}\)", lines[0])
@@ -166,9 +184,9 @@ async def test_replace_stale_replaces_a_session_that_does_not_answer(harness, re
     assert await new.callRemote("greet") == "<1>hello alice"
     assert events.closes(oldId) == ["did not answer a ping, and was replaced"]
     assert served.registry.countOf("alice") == 1
-    assert served.registry.metrics.dropped.labels("stale")._value.get() == 1
+    assert counted(served.registry.metrics, "sessions_dropped", why="stale") == 1
     assert any("alice did not answer a ping, and was replaced from" in m for m in log.messages())
-    await eventually(reactor, lambda: all(b.disconnected for b in served.factory.made[:1]))
+    await disconnection(reactor, served.factory.made[0])
 
 
 async def racer(served, reactor, rng: random.Random, mind) -> object:
@@ -215,13 +233,13 @@ async def test_the_limit_holds_while_logins_replacements_and_disconnects_race(
     peak = 0
     open = registry.open
 
-    def counted(*args, **kw) -> Session:
+    def peaking(*args, **kw) -> Session:
         nonlocal peak
         session = open(*args, **kw)
         peak = max(peak, registry.countOf("alice"))
         return session
 
-    registry.open = counted
+    registry.open = peaking
     rng = random.Random(f"race-{whenFull}")
     outcomes = []
     for _ in range(3):
@@ -239,19 +257,21 @@ async def test_the_limit_holds_while_logins_replacements_and_disconnects_race(
         if getattr(connector, "transport", None) is not None:
             connector.transport.resumeProducing()
         connector.disconnect()
+    await defer.gatherResults([disconnection(reactor, b) for b in served.factory.made])
+    # Sessions of the race end as their logins fail, each its own way: polled.
     await eventually(reactor, lambda: len(registry) == 0)
-    await eventually(reactor, lambda: all(b.disconnected for b in served.factory.made))
     assert peak == n
     opened = [e[1] for e in events.seen if e[0] == "opened"]
     closed = [e[1] for e in events.seen if e[0] == "closed"]
     assert sorted(opened) == sorted(closed)
     assert len(set(closed)) == len(closed)
-    assert not registry._replacing
     # The race went through the policy's replacements, not around them.
-    dropped = {why for why in DROPPED if registry.metrics.dropped.labels(why)._value.get()}
+    dropped = {why for why in DROPPED if counted(registry.metrics, "sessions_dropped", why=why)}
     assert (
         dropped == {REFUSE: set(), REPLACE_OLDEST: {"replaced"}, REPLACE_STALE: {"stale"}}[whenFull]
     )
+    registry.open = open
+    assertNoTurnKept(registry, "alice", lambda: None)
 
 
 @pytest_twisted.ensureDeferred
@@ -290,13 +310,14 @@ async def test_a_shutdown_during_a_replacement_refuses_the_new_login(harness, re
     served.registry.observe(events)
     old = await served.login("alice", mind=RecordingMind())
     silence(old)  # it will not answer notifyKicked
-    replacing = defer.ensureDeferred(served.login("alice"))
-    await eventually(reactor, lambda: "alice" in served.registry._replacing)
+    started = replacing(reactor, served.registry)
+    login = defer.ensureDeferred(served.login("alice"))
+    assert (await started).id == idOf(served, old)
     served.registry.closing = True
     with pytest.raises(ShuttingDown):
-        await replacing
+        await login
     assert [e[0] for e in events.seen] == ["opened"]  # the old one was not "replaced"
-    assert served.registry.metrics.dropped.labels("replaced")._value.get() == 0
+    assert counted(served.registry.metrics, "sessions_dropped", why="replaced") == 0
     old.perspective.broker.transport.resumeProducing()
 
 
@@ -309,14 +330,24 @@ async def test_one_connection_checks_one_login_at_a_time_while_replacing(harness
     harness.connectors.append(reactor.connectTCP("127.0.0.1", served.port.getHost().port, factory))
     root = await factory.getRootObject()
     credentials = UsernamePassword(b"alice", USERS["alice"].encode())
+    started = replacing(reactor, served.registry)
+    admitted = 0
+    admit = served.registry.admit
+
+    def counting(*args, **kw):
+        nonlocal admitted
+        admitted += 1
+        return admit(*args, **kw)
+
+    served.registry.admit = counting
     first = factory.login(credentials)
-    await eventually(reactor, lambda: "alice" in served.registry._replacing)
+    await started
     # A second login on that connection while the first waits is refused.
     challenge, challenger = await root.callRemote("login", b"alice")
     with pytest.raises(LoginRefused, match="one login at a time"):
         await challenger.callRemote(
             "respond", pb.respond(challenge, b"wonderland"), None
         ).addErrback(localize)
-    assert served.registry._replacing["alice"].waiting == []
+    assert admitted == 1  # the second waits for no turn: it never reached the registry
     old.perspective.broker.transport.resumeProducing()
     assert await (await first).callRemote("greet") == "<1>hello alice"

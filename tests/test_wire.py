@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from conftest import USERS, eventually
+from conftest import USERS, Arrivals, disconnection, eventually
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from processes import stop
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
@@ -271,7 +271,7 @@ async def test_a_deep_message_over_tcp_closes_only_that_connection(harness, reac
     assert len(lines) == 1 and len(lines[0]) < 1024
     canary = await served.login("alice")
     assert await canary.callRemote("greet") == "<1>hello alice"
-    await eventually(reactor, lambda: True)
+    await task.deferLater(reactor, 0, lambda: None)
 
 
 def rss(pid: int) -> int:
@@ -345,6 +345,7 @@ async def test_reading_pauses_once_a_turn_has_used_its_budget(reactor):
     broker.dataReceived(message * 1000)  # 105 kB
     assert 0 < len(broker.received) < 200
     assert transport.producerState == "paused"
+    # Reading resumes a budget per reactor turn, telling nothing: polled.
     await eventually(reactor, lambda: len(broker.received) == 1000)
     assert transport.producerState == "producing"
 
@@ -378,8 +379,8 @@ async def test_a_flood_does_not_starve_a_canary(harness, reactor):
         stdout=subprocess.PIPE,
     )
     try:
-        await eventually(reactor, lambda: len(served.factory.made) == 1, timeout=15)
-        broker = served.factory.made[0]
+        await served.factory.accepted(reactor, 1, 15)
+        (broker,) = served.factory.made
         # Wait until the server is busy with the flood.
         await eventually(reactor, lambda: broker._paused, timeout=15)
         started = time.monotonic()
@@ -389,7 +390,7 @@ async def test_a_flood_does_not_starve_a_canary(harness, reactor):
         assert await canary.callRemote("greet") == "<1>hello alice"
         assert took < 0.2, f"the canary took {took * 1000:.0f} ms to log in"
         assert flooding, "the flood was over before the canary logged in"
-        await eventually(reactor, lambda: broker.disconnected, timeout=30)
+        await disconnection(reactor, broker, 30)
     finally:
         stop(flooder)
 
@@ -477,10 +478,14 @@ class TimeMind(pb.Referenceable):
     """
 
     def __init__(self) -> None:
-        self.times = 0
+        self.pushed = Arrivals()
+
+    @property
+    def times(self) -> int:
+        return len(self.pushed)
 
     def remote_notifyTime(self, seconds: float) -> None:
-        self.times += 1
+        self.pushed.append(seconds)
 
 
 @pytest_twisted.ensureDeferred
@@ -496,7 +501,8 @@ async def test_one_way_pushes_stop_at_a_full_write_buffer_and_resume(harness, re
     broker.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     client = conn.perspective.broker.transport
     client.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await eventually(reactor, lambda: mind.times == 1)  # the push at login
+    await mind.pushed.waitFor(reactor)  # the push at login
+    assert mind.times == 1
     client.pauseProducing()  # the client stops reading
     sent = 0
     while notify(session.mind, "notifyTime", 1.0):
@@ -507,6 +513,7 @@ async def test_one_way_pushes_stop_at_a_full_write_buffer_and_resume(harness, re
     buffered = len(broker.transport.dataBuffer) + broker.transport._tempDataLen
     assert buffered < 2 * broker.transport.bufferSize
     client.resumeProducing()
-    await eventually(reactor, lambda: mind.times == 1 + sent)
+    await mind.pushed.waitFor(reactor, 1 + sent)
+    assert mind.times == 1 + sent
     assert not broker.writeBlocked
     assert notify(session.mind, "notifyTime", 1.0)

@@ -32,6 +32,12 @@ class CacheRealm(Realm):
             avatar = self._avatars[user] = self.makeAvatar(user)
         return avatar
 
+    def cachedUsers(self) -> list[str]:
+        """
+        The users who have an avatar, in the order of their first login.
+        """
+        return list(self._avatars)
+
     def makeAvatar(self, user: str) -> Avatar:
         """
         The avatar that every session of C{user} will share.
