@@ -395,7 +395,9 @@ class Harness:
             pingTimeout=pingTimeout,
         )
         strategy = REALMS[realm].realm.build(registry, self.reactor, {"period": period})
-        return LoginRoot(PasswordFile(str(self.passwd)), strategy, registry)
+        return LoginRoot(
+            PasswordFile(str(self.passwd)), strategy, registry, registry.clock, registry.metrics
+        )
 
     async def serve(self, realm: str = "cache", root: LoginRoot | None = None, **kw) -> Served:
         root = root or self.makeRoot(realm, **kw)

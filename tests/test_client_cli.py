@@ -291,7 +291,14 @@ async def test_a_penalised_address_is_told_how_long_to_wait(reactor, harness, pa
         penalties.failed("127.0.0.1")
     base = harness.makeRoot("cache")
     served = await harness.serve(
-        root=LoginRoot(base.checker, base.realm, base.registry, penalties=penalties)
+        root=LoginRoot(
+            base.checker,
+            base.realm,
+            base.registry,
+            base.registry.clock,
+            base.registry.metrics,
+            penalties=penalties,
+        )
     )
     with pytest.raises(CommandFailed) as refused:
         await run(reactor, options(served.endpoint, "greet"), io.StringIO())

@@ -139,7 +139,9 @@ async def slow(harness, reactor):
     root = harness.makeRoot("limited", maxPerUser=1)
     checker = LateChecker(root.checker)
     realm = LateRealm(root.realm)
-    served = await harness.serve(root=LoginRoot(checker, realm, root.registry))
+    served = await harness.serve(
+        root=LoginRoot(checker, realm, root.registry, root.registry.clock, root.registry.metrics)
+    )
     login = SlowLogin(reactor, served, checker, realm)
     yield login
     login.factory.disconnect()

@@ -346,7 +346,11 @@ def test_at_the_cap_few_newcomers_take_a_place_per_turn(passwd):
     clock = Clock()
     registry = SessionRegistry(clock, realm="cache")
     root = LoginRoot(
-        PasswordFile(str(passwd)), REALMS["cache"].realm.build(registry, clock, {}), registry
+        PasswordFile(str(passwd)),
+        REALMS["cache"].realm.build(registry, clock, {}),
+        registry,
+        registry.clock,
+        registry.metrics,
     )
     factory = PBServerFactory(root, wireSecurity(), maxConnections=20)
 

@@ -127,7 +127,15 @@ def guarded(harness):
 
     async def serve(**limits):
         base = harness.makeRoot("tracking")
-        root = LoginRoot(base.checker, base.realm, base.registry, penalties=penalties, **limits)
+        root = LoginRoot(
+            base.checker,
+            base.realm,
+            base.registry,
+            base.registry.clock,
+            base.registry.metrics,
+            penalties=penalties,
+            **limits,
+        )
         return await harness.serve(root=root)
 
     return serve, clock, penalties
@@ -212,7 +220,14 @@ async def test_a_connection_that_does_not_log_in_in_time_is_closed(harness, reac
     clock = task.Clock()
     registry = SessionRegistry(clock, realm="tracking")
     root = harness.makeRoot("tracking")
-    timed = LoginRoot(root.checker, TrackingRealm(registry, clock), registry, loginTimeout=30)
+    timed = LoginRoot(
+        root.checker,
+        TrackingRealm(registry, clock),
+        registry,
+        registry.clock,
+        registry.metrics,
+        loginTimeout=30,
+    )
     served = await harness.serve(root=timed)
     idle = connectFrom(reactor, served, "127.0.0.6")
     await idle.getRootObject()
@@ -266,6 +281,8 @@ async def test_stalled_connections_cannot_starve_others(harness, reactor, log):
         base.checker,
         TrackingRealm(registry, clock),
         registry,
+        registry.clock,
+        registry.metrics,
         loginTimeout=30,
         maxUnauthenticated=3,
     )

@@ -64,7 +64,7 @@ def test_a_silent_connection_is_dropped_one_interval_after_its_ping():
     logouts = []
     for session in (fine, *lost):
         session.onClose(lambda s=session: logouts.append(s.id))
-    keepalive = Keepalive(registry, 60)
+    keepalive = Keepalive(registry, 60, registry.clock)
     keepalive.startService()
     try:
         clock.advance(59.9)
@@ -97,7 +97,7 @@ def test_sessions_without_a_connection_or_not_logged_in_are_left_alone():
     connection = FakeConnection()
     pending = registry.open("alice", "p", object(), connection)  # still logging in
     unpingable = loggedIn(registry, "bob", None)
-    keepalive = Keepalive(registry, 1)
+    keepalive = Keepalive(registry, 1, registry.clock)
     keepalive.startService()
     clock.advance(1)
     clock.advance(1)
@@ -111,7 +111,7 @@ def test_a_silent_connection_is_dropped_even_if_its_sessions_come_and_go():
     registry = SessionRegistry(clock)
     connection = FakeConnection()
     loggedIn(registry, "alice", connection)
-    keepalive = Keepalive(registry, 1)
+    keepalive = Keepalive(registry, 1, registry.clock)
     keepalive.startService()
     clock.advance(1)
     registry.sessionsOf("alice")[0].close()
@@ -129,7 +129,7 @@ def test_an_answered_connection_is_forgotten():
     registry = SessionRegistry(clock)
     connection = FakeConnection()
     session = loggedIn(registry, "alice", connection)
-    keepalive = Keepalive(registry, 1)
+    keepalive = Keepalive(registry, 1, registry.clock)
     keepalive.startService()
     clock.advance(1)
     session.close()
@@ -152,7 +152,7 @@ async def test_keepalive_drops_a_client_that_stops_answering(harness, reactor, l
     stuck = await served.login("alice")
     stuckSession = served.registry.sessionsOf("alice")[1]
     silence(stuck)
-    keepalive = Keepalive(served.registry, 0.3)
+    keepalive = Keepalive(served.registry, 0.3, served.registry.clock)
     keepalive.startService()
     try:
         await ending(reactor, stuckSession, 3)

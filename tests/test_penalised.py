@@ -41,6 +41,8 @@ def penalised(harness, monkeypatch):
             base.checker,
             base.realm,
             base.registry,
+            base.registry.clock,
+            base.registry.metrics,
             maxAuthTries=6,
             loginTimeout=30,
             penalties=penalties,

@@ -189,7 +189,9 @@ class PlainRealm:
 @pytest_twisted.ensureDeferred
 async def test_any_other_realm_gets_what_the_client_passed_as_under_a_portal(harness, reactor):
     registry = SessionRegistry(reactor)
-    root = LoginRoot(PasswordFile(str(harness.passwd)), PlainRealm(), registry)
+    root = LoginRoot(
+        PasswordFile(str(harness.passwd)), PlainRealm(), registry, registry.clock, registry.metrics
+    )
     served = await harness.serve(root=root)
     pushed: defer.Deferred[float] = defer.Deferred()
     await served.login("alice", mind=ClientMind(onTime=pushed.callback))

@@ -296,7 +296,11 @@ async def test_strcred_file_checker_serves_pb_logins(harness, passwd):
 
     root = harness.makeRoot("tracking")
     checker = strcred.makeChecker(f"file:{passwd}")
-    served = await harness.serve(root=LoginRoot(checker, root.realm, root.registry))
+    served = await harness.serve(
+        root=LoginRoot(
+            checker, root.realm, root.registry, root.registry.clock, root.registry.metrics
+        )
+    )
     conn = await served.login("alice")
     assert await conn.callRemote("greet") == "<1>hello alice"
     assert (await conn.callRemote("status"))["user"] == "alice"

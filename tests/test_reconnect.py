@@ -631,7 +631,14 @@ async def test_a_penalised_address_comes_back_once_the_penalty_drained(reactor, 
     for _ in range(3):
         penalties.failed("127.0.0.1")
     base = harness.makeRoot("tracking")
-    root = LoginRoot(base.checker, base.realm, base.registry, penalties=penalties)
+    root = LoginRoot(
+        base.checker,
+        base.realm,
+        base.registry,
+        base.registry.clock,
+        base.registry.metrics,
+        penalties=penalties,
+    )
     served = await harness.serve(root=root)
     lost = Arrivals()
     logins = Arrivals()

@@ -56,7 +56,15 @@ def serveOn(harness, clock=None, penalties=None, tls=None, **limits) -> Served:
     if clock is not None:
         registry = SessionRegistry(clock, realm="tracking")
         realm = TrackingRealm(registry, harness.reactor)
-    root = LoginRoot(Counting(base.checker), realm, registry, penalties=penalties, **limits)
+    root = LoginRoot(
+        Counting(base.checker),
+        realm,
+        registry,
+        registry.clock,
+        registry.metrics,
+        penalties=penalties,
+        **limits,
+    )
     factory = RecordingFactory(root)
     reactor = harness.reactor
     if tls is not None:

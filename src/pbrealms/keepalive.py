@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from twisted.application import service
 from twisted.internet import task
+from twisted.internet.interfaces import IReactorTime
 
 from pbrealms.connection import IConnection
 from pbrealms.sessions import Session, SessionRegistry
@@ -23,12 +24,12 @@ class Keepalive(service.Service):
     One timer serves every connection, whatever their number.
     """
 
-    def __init__(self, registry: SessionRegistry, interval: float) -> None:
+    def __init__(self, registry: SessionRegistry, interval: float, clock: IReactorTime) -> None:
         self.registry = registry
         self.interval = interval
         self._unanswered: set[IConnection] = set()
         self._sweeper = task.LoopingCall(self.sweep)
-        self._sweeper.clock = registry.clock
+        self._sweeper.clock = clock
 
     def startService(self) -> None:
         super().startService()

@@ -27,7 +27,7 @@ from twisted.cred.credentials import ICredentials, IUsernameHashedPassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.internet import defer
-from twisted.internet.interfaces import ISSLTransport, ITCPTransport
+from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.spread import pb
@@ -51,6 +51,7 @@ from pbrealms.errors import (
     printable,
 )
 from pbrealms.guard import SourcePenalties
+from pbrealms.metrics import ServerMetrics
 from pbrealms.protocol import ISessionRealm
 from pbrealms.sessions import ConnectionGone, Session, SessionRegistry
 
@@ -106,6 +107,8 @@ class LoginRoot:
     @ivar penalties: where failed logins count against their source address.
     @ivar maxUnauthenticated: how many connections one source address may
         have open that have not logged in; L{None} for no limit.
+    @ivar clock: what login timers run on.
+    @ivar metrics: where logins are counted.
     """
 
     def __init__(
@@ -113,6 +116,8 @@ class LoginRoot:
         checker: ICredentialsChecker,
         realm: IRealm,
         registry: SessionRegistry,
+        clock: IReactorTime,
+        metrics: ServerMetrics,
         maxAuthTries: int | None = None,
         loginTimeout: float | None = None,
         penalties: SourcePenalties | None = None,
@@ -121,6 +126,8 @@ class LoginRoot:
         self.checker = checker
         self.realm = realm
         self.registry = registry
+        self.clock = clock
+        self.metrics = metrics
         self.maxAuthTries = maxAuthTries
         self.loginTimeout = loginTimeout
         self.penalties = penalties
@@ -143,7 +150,7 @@ class LoginRoot:
     def rootObject(self, broker: wire.LimitedBroker) -> pb.Referenceable:
         # A closing connection's abort runs on the registry's clock, as the
         # login's timers do.
-        broker.clock = self.registry.clock
+        broker.clock = self.clock
         gate = _LoginGate(self, broker)
         broker.notifyOnDisconnect(gate.gone)
         return gate
@@ -172,9 +179,9 @@ class _LoginGate(_RemoteObject):
         self.closing = False
         self._host: str | None = None
         self._timeout = None
-        self._accepted = root.registry.clock.seconds()
+        self._accepted = root.clock.seconds()
         if root.loginTimeout is not None:
-            self._timeout = root.registry.clock.callLater(root.loginTimeout, self._timedOut)
+            self._timeout = root.clock.callLater(root.loginTimeout, self._timedOut)
 
     def watch(self, host: str) -> None:
         """
@@ -193,7 +200,7 @@ class _LoginGate(_RemoteObject):
             self._stopTimer()
             timeout = wire.CLOSE_TIMEOUT
             limit = min(timeout, self.root.loginTimeout or timeout)
-            self._timeout = self.root.registry.clock.callLater(limit, self._timedOut)
+            self._timeout = self.root.clock.callLater(limit, self._timedOut)
 
     def remoteMessageReceived(self, broker, message, args, kw):
         if self.penalised is not None and not self.closing:
@@ -204,7 +211,7 @@ class _LoginGate(_RemoteObject):
             self.broker.quiet = False
             self._stopTimer()
             if self.root.loginTimeout is not None:
-                clock = self.root.registry.clock
+                clock = self.root.clock
                 left = self._accepted + self.root.loginTimeout - clock.seconds()
                 self._timeout = clock.callLater(max(0.0, left), self._timedOut)
         return super().remoteMessageReceived(broker, message, args, kw)
@@ -235,7 +242,7 @@ class _LoginGate(_RemoteObject):
         self.penalised = host
         self.broker.quiet = True
         self._closeAfterAnswer()
-        self.root.registry.metrics.logins.labels("refused").inc()
+        self.root.metrics.logins.labels("refused").inc()
         raise SourcePenalised(left)
 
     def _closeAfterAnswer(self) -> None:
@@ -248,7 +255,7 @@ class _LoginGate(_RemoteObject):
             return
         self.closing = True
         self.broker.ignoreInput()
-        self.root.registry.clock.callLater(0, self.broker.closeAfterAnswer)
+        self.root.clock.callLater(0, self.broker.closeAfterAnswer)
 
     def _authenticated(self) -> None:
         host, self._host = self._host, None
@@ -376,7 +383,7 @@ class _LoginGate(_RemoteObject):
         """
         self.checkPenalty()
         refusal = AnonymousRefused()
-        self.root.registry.metrics.logins.labels("refused").inc()
+        self.root.metrics.logins.labels("refused").inc()
         if not self._anonymousRefused:
             self._anonymousRefused = True
             _log.info(
@@ -462,8 +469,8 @@ class _Login:
         self.broker = gate.broker
         self.username = username
         self.peer = gate.peer
-        self.metrics = self.root.registry.metrics
-        self.started = self.root.registry.clock.seconds()
+        self.metrics = self.root.metrics
+        self.started = self.root.clock.seconds()
 
     def run(self, credentials: ICredentials, mind: object) -> defer.Deferred:
         self.gate.begin()
@@ -510,7 +517,7 @@ class _Login:
         if broker.disconnected:
             session.close("disconnected during login")
             raise ConnectionGone()
-        reference = _SessionReference(avatar, session, self.root.registry.clock)
+        reference = _SessionReference(avatar, session, self.root.clock)
         puid = reference.processUniqueID()
 
         def loggedOut() -> None:
@@ -530,7 +537,7 @@ class _Login:
         self.root.registry.activate(session)
         self.gate.succeeded()
         self.metrics.logins.labels("ok").inc()
-        self.metrics.loginLatency.observe(self.root.registry.clock.seconds() - self.started)
+        self.metrics.loginLatency.observe(self.root.clock.seconds() - self.started)
         return reference
 
     def _refused(self, reason: Failure) -> Failure | None:

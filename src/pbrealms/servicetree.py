@@ -97,6 +97,8 @@ def makeService(options: EnvironmentOptions) -> PBRealmsService:
         checker,
         realm,
         registry,
+        reactor,
+        metrics,
         maxAuthTries=options["max-auth-tries"],
         loginTimeout=options["login-timeout"],
         penalties=penalties,
@@ -136,7 +138,7 @@ def makeService(options: EnvironmentOptions) -> PBRealmsService:
             watcher = internet.TimerService(1.0, checker.reloadIfChanged)
             children.append(("password-file-watcher", watcher))
     if options["keepalive"]:
-        children.append(("keepalive", Keepalive(registry, options["keepalive"])))
+        children.append(("keepalive", Keepalive(registry, options["keepalive"], reactor)))
     shutdown = GracefulShutdown(
         reactor, registry, factory, options["shutdown-grace"], hasher=hasher
     )
