@@ -104,9 +104,7 @@ def test_setperiod_changes_the_schedule(clock):
     assert mind.times() == [0.0, 3.5]
     clock.advance(3.0)
     assert mind.times() == [0.0, 3.5, 6.5]
-    status: list[dict] = []
-    avatar.perspective_status().addCallback(status.append)
-    assert status[0]["period"] == 3.0
+    assert avatar.perspective_status()["period"] == 3.0
     session.close()
 
 

@@ -5,34 +5,37 @@ The store of per-user state: the in-memory one, and the realms over it.
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import task
+from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
 from pbrealms.realms import REALMS
 from pbrealms.sessions import SessionRegistry
-from pbrealms.store import IUserState, MemoryUserState
-
-
-def fired(d):
-    results: list = []
-    d.addCallback(results.append)
-    assert results, "the in-memory store answers at once"
-    return results[0]
+from pbrealms.store import IUserState, MemoryUserState, then
 
 
 def test_counters_count_per_user_and_name_from_zero():
     state = MemoryUserState()
     assert verifyObject(IUserState, state)
-    assert fired(state.read("alice", "greetings")) == 0
-    assert [fired(state.increment("alice", "greetings")) for _ in range(3)] == [1, 2, 3]
-    assert fired(state.increment("bob", "greetings")) == 1
-    assert fired(state.increment("alice", "other")) == 1
-    assert fired(state.read("alice", "greetings")) == 3
+    assert state.read("alice", "greetings") == 0
+    assert [state.increment("alice", "greetings") for _ in range(3)] == [1, 2, 3]
+    assert state.increment("bob", "greetings") == 1
+    assert state.increment("alice", "other") == 1
+    assert state.read("alice", "greetings") == 3
+
+
+def test_then_takes_a_value_now_and_a_deferred_once_it_fires():
+    assert then(2, lambda n, m, k: n * m + k, 3, k=1) == 7
+    d: defer.Deferred[int] = defer.Deferred()
+    later = then(d, lambda n, m: n * m, 3)
+    assert isinstance(later, defer.Deferred) and not later.called
+    d.callback(2)
+    assert later.result == 6
 
 
 class CountingState(MemoryUserState):
     """
-    The in-memory store, counting the calls a realm makes.
+    The in-memory store, counting the calls a realm makes, and answering
+    with Deferreds, as a shared store would.
     """
 
     def __init__(self) -> None:
@@ -41,11 +44,11 @@ class CountingState(MemoryUserState):
 
     def increment(self, user, counter):
         self.calls.append(("increment", user, counter))
-        return super().increment(user, counter)
+        return defer.succeed(super().increment(user, counter))
 
     def read(self, user, counter):
         self.calls.append(("read", user, counter))
-        return super().read(user, counter)
+        return defer.succeed(super().read(user, counter))
 
 
 @pytest_twisted.ensureDeferred
@@ -62,3 +65,13 @@ async def test_greetings_go_through_the_realm_s_store():
         ("increment", "alice", "greetings"),
         ("read", "alice", "greetings"),
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_realm_answers_status_through_a_store_of_deferreds():
+    clock = task.Clock()
+    for name, strategy in REALMS.items():
+        registry = SessionRegistry(clock, realm=name, maxPerUser=2 if strategy.limits else None)
+        realm = strategy.realm.build(registry, clock, {"period": 1.0})
+        realm.state = CountingState()
+        assert (await realm.describe("alice"))["greetings"] == 0, name

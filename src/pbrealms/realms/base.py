@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.spread import pb
 from zope.interface import implementer
@@ -22,10 +21,10 @@ from pbrealms.errors import dispatch
 from pbrealms.protocol import ISessionRealm
 from pbrealms.push import ClientReference
 from pbrealms.sessions import Session, SessionRegistry
-from pbrealms.store import IUserState, MemoryUserState
+from pbrealms.store import Answer, IUserState, MemoryUserState, then
 
 #: What C{status} answers about a user, when the store has answered.
-Describe = Callable[[str], defer.Deferred[dict[str, Any]]]
+Describe = Callable[[str], Answer[dict[str, Any]]]
 
 #: The counter of a user's greetings in the L{IUserState} store.
 GREETINGS = "greetings"
@@ -51,19 +50,19 @@ class Greeter:
         self.user = user
         self.state = state
 
-    def greet(self) -> defer.Deferred[str]:
+    def greet(self) -> Answer[str]:
         """
         Count a greeting.
 
-        @return: a L{Deferred} firing with C{"<N>hello USER"}, N being the
-            user's greetings so far, this one included.
+        @return: C{"<N>hello USER"}, N being the user's greetings so far,
+            this one included, or a L{Deferred} of it.
         """
-        return self.state.increment(self.user, GREETINGS).addCallback(self._text)
+        return then(self.state.increment(self.user, GREETINGS), self._text)
 
     def _text(self, greetings: int) -> str:
         return f"<{greetings}>hello {self.user}"
 
-    def greetings(self) -> defer.Deferred[int]:
+    def greetings(self) -> Answer[int]:
         return self.state.read(self.user, GREETINGS)
 
 
@@ -93,13 +92,13 @@ class Avatar(pb.Avatar):
         """
         return self.perspectiveMessageReceived(broker, message, args, kw)
 
-    def perspective_greet(self) -> defer.Deferred[str]:
+    def perspective_greet(self) -> Answer[str]:
         """
         @return: C{"<N>hello USER"}, N being the user's greetings so far.
         """
         return self.greeter.greet()
 
-    def perspective_status(self) -> defer.Deferred[dict[str, Any]]:
+    def perspective_status(self) -> Answer[dict[str, Any]]:
         """
         @return: the realm's name, the user, the user's greetings, and what
             else the realm tracks.
@@ -163,12 +162,14 @@ class Realm:
     def avatarFor(self, user: str, client: ClientReference | None) -> Avatar:
         raise NotImplementedError
 
-    def describe(self, user: str) -> defer.Deferred[dict[str, Any]]:
+    def describe(self, user: str) -> Answer[dict[str, Any]]:
         """
         What C{status} answers about C{user}.
         """
-        d = self.greeter(user).greetings()
-        return d.addCallback(lambda n: {"realm": self.name, "user": user, "greetings": n})
+        return then(self.greeter(user).greetings(), self._status, user)
+
+    def _status(self, greetings: int, user: str) -> dict[str, Any]:
+        return {"realm": self.name, "user": user, "greetings": greetings}
 
 
 @dataclass(frozen=True)

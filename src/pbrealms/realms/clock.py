@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from pbrealms.errors import MindRequired
@@ -20,7 +19,7 @@ from pbrealms.push import ClientReference, PeriodicPush, PushScheduler, validate
 from pbrealms.realms.base import Avatar, Describe, Greeter, Realm, Strategy, extended
 from pbrealms.realms.shared_state import SessionAvatar
 from pbrealms.sessions import SessionRegistry
-from pbrealms.store import IUserState
+from pbrealms.store import Answer, IUserState, then
 
 
 class ClockAvatar(SessionAvatar):
@@ -44,8 +43,8 @@ class ClockAvatar(SessionAvatar):
         self.ticker.setPeriod(period)
         return period
 
-    def perspective_status(self) -> defer.Deferred[dict[str, Any]]:
-        return super().perspective_status().addCallback(extended, period=self.ticker.period)
+    def perspective_status(self) -> Answer[dict[str, Any]]:
+        return then(super().perspective_status(), extended, period=self.ticker.period)
 
     def logout(self) -> None:
         self.ticker.stop()

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
-
 from pbrealms.realms.base import Strategy, extended
 from pbrealms.realms.tracking import TrackingRealm
+from pbrealms.store import Answer, then
 
 
 class LimitedRealm(TrackingRealm):
     name = "limited"
 
-    def describe(self, user: str) -> defer.Deferred[dict[str, Any]]:
-        return super().describe(user).addCallback(extended, max=self.registry.maxPerUser)
+    def describe(self, user: str) -> Answer[dict[str, Any]]:
+        return then(super().describe(user), extended, max=self.registry.maxPerUser)
 
 
 STRATEGY = Strategy(

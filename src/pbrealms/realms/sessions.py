@@ -11,7 +11,6 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from pbrealms.errors import dispatch
@@ -19,7 +18,7 @@ from pbrealms.protocol import IClient
 from pbrealms.realms.base import Avatar, Describe, Greeter, Strategy
 from pbrealms.realms.limited import LimitedRealm
 from pbrealms.sessions import Session, SessionRegistry
-from pbrealms.store import IUserState
+from pbrealms.store import Answer, IUserState, then
 
 #: Pushes to the other sessions of a session's user: called with the
 #: session and what to call on each other session's L{IClient}.
@@ -55,12 +54,12 @@ class SessionsAvatar(Avatar):
 
     # Called with the caller bound first (see sessionMessageReceived): the
     # remote signature is the base's, without it.
-    def perspective_greet(self, caller: Session) -> defer.Deferred[str]:  # type: ignore[override]
+    def perspective_greet(self, caller: Session) -> Answer[str]:  # type: ignore[override]
         """
         Greet, as in C{cache}, and push C{notifyGreeting(text)} to the user's
         other sessions.
         """
-        return self.greeter.greet().addCallback(self._told, caller)
+        return then(self.greeter.greet(), self._told, caller)
 
     def _told(self, text: str, caller: Session) -> str:
         self.tellOthers(caller, lambda client: client.notifyGreeting(text))
@@ -68,7 +67,7 @@ class SessionsAvatar(Avatar):
 
     def perspective_status(  # type: ignore[override]
         self, caller: Session
-    ) -> defer.Deferred[dict[str, Any]]:
+    ) -> Answer[dict[str, Any]]:
         return self.describe(self.greeter.user)
 
     def perspective_sessions(self, caller: Session) -> list[dict[str, Any]]:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer
-
 from pbrealms.push import ClientReference
 from pbrealms.realms.base import Avatar, Describe, Greeter, Realm, Strategy, extended
+from pbrealms.store import Answer, then
 
 
 class SessionAvatar(Avatar):
@@ -23,13 +22,13 @@ class SessionAvatar(Avatar):
         super().__init__(greeter, describe)
         self.sessionGreetings = 0
 
-    def perspective_greet(self) -> defer.Deferred[str]:
+    def perspective_greet(self) -> Answer[str]:
         self.sessionGreetings += 1
         return super().perspective_greet()
 
-    def perspective_status(self) -> defer.Deferred[dict[str, Any]]:
+    def perspective_status(self) -> Answer[dict[str, Any]]:
         greetings = self.sessionGreetings
-        return super().perspective_status().addCallback(extended, session_greetings=greetings)
+        return then(super().perspective_status(), extended, session_greetings=greetings)
 
 
 class SharedStateRealm(Realm):
