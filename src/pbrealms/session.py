@@ -6,7 +6,6 @@ what observes sessions.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import Protocol, cast
 
 from twisted.logger import Logger
@@ -106,8 +105,8 @@ class Session:
             # A client may pass anything as its mind: pushes to one that is
             # not a reference fail as an error answer would.
             reference = cast(pb.RemoteReference, mind)
-            onGone = partial(self.close, "disconnected")
-            self.client = ClientReference(reference, registry.metrics, onGone)
+            # A bound method, not a partial: thousands of sessions hold one.
+            self.client = ClientReference(reference, registry.metrics, self._disconnected)
         self.connection = connection
         self.lastCall = since
         self.successor: str | None = None
@@ -125,6 +124,9 @@ class Session:
             callback()
         else:
             self._onClose.append(callback)
+
+    def _disconnected(self) -> None:
+        self.close("disconnected")
 
     def close(self, reason: str = "logged out", successor: str | None = None) -> None:
         """
