@@ -2,6 +2,8 @@
 The session registry: admission, the per-user limit, exactly-once close.
 """
 
+import gc
+
 import pytest
 from twisted.internet import task
 
@@ -127,3 +129,25 @@ def test_conflict_policies_are_objects_chosen_by_name():
         assert registry.policy.replaces is (name != "refuse")
     with pytest.raises(ValueError, match="whenFull must be one of refuse, replace-oldest"):
         policyNamed("replace-newest", clock, 1.0)
+
+
+def test_an_ended_session_leaves_no_cycle_for_the_garbage_collector():
+    class Mind:
+        broker = None
+
+        def callRemote(self, *args, **kw):
+            return None
+
+    registry = SessionRegistry(task.Clock())
+    gc.collect()
+    gc.disable()
+    try:
+        session = registry.open("alice", "p1", Mind())
+        registry.activate(session)
+        session.close()
+        del session
+        # A session and its client referring to each other would survive
+        # until the collector runs, holding the client's reference.
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -130,6 +130,10 @@ def notify(mind: pb.RemoteReference, method: str, *args: object) -> bool:
     return True
 
 
+def _nothing() -> None:
+    pass
+
+
 @implementer(IClient)
 class ClientReference:
     """
@@ -161,7 +165,7 @@ class ClientReference:
         self,
         mind: pb.RemoteReference,
         metrics: ServerMetrics,
-        onGone: Callable[[], object] = lambda: None,
+        onGone: Callable[[], object] = _nothing,
     ) -> None:
         self.mind = mind
         self._metrics = metrics
@@ -199,6 +203,15 @@ class ClientReference:
     def _answered(self, delivered: bool) -> bool:
         self.unanswered -= 1
         return self._metrics.pushed(delivered)
+
+    def forget(self) -> None:
+        """
+        Report a gone client to nobody any more: its session has ended.  This
+        breaks the cycle of a session and its client, which would otherwise
+        keep both, and the client's reference, until the garbage collector
+        runs.
+        """
+        self._onGone = _nothing
 
     def _lastWord(self, method: str, reason: str) -> defer.Deferred[bool]:
         d = push(self.mind, method, reason, quiet=True)

@@ -142,6 +142,8 @@ class Session:
         self.closed = True
         self.successor = successor
         self._registry.forget(self, reason)
+        if self.client is not None:
+            self.client.forget()
         callbacks, self._onClose = self._onClose, []
         for callback in reversed(callbacks):
             try:
