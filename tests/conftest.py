@@ -418,9 +418,11 @@ class Harness:
                     broker.transport.abortConnection()
             await defer.gatherResults(served.factory.closed)
             await served.port.stopListening()
-        # Let the client sides see their connections close.
-        await task.deferLater(self.reactor, 0, lambda: None)
+        # Collect first: what it frees may write as it goes (a reference
+        # sends its decref), and TLS flushes small writes on the next turn.
         gc.collect()
+        # Let the client sides see their connections close, and that flush run.
+        await task.deferLater(self.reactor, 0, lambda: None)
 
 
 @pytest_twisted.async_yield_fixture()
