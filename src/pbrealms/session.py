@@ -77,7 +77,6 @@ class Session:
         "droppedFor",
         "id",
         "lastCall",
-        "mind",
         "peer",
         "since",
         "successor",
@@ -99,7 +98,6 @@ class Session:
         self.user = user
         self.peer = peer
         self.since = since
-        self.mind = mind
         self.client: ClientReference | None = None
         if mind is not None:
             # A client may pass anything as its mind: pushes to one that is
@@ -114,6 +112,11 @@ class Session:
         self.active = False
         self.closed = False
         self._onClose: list[Callable[[], object]] = []
+
+    @property
+    def mind(self) -> object:
+        # Kept once, by the client that pushes to it.
+        return None if self.client is None else self.client.mind
 
     def onClose(self, callback: Callable[[], object]) -> None:
         """
